@@ -1,0 +1,250 @@
+"""Fetch a release from a swarm into ``OUTPUT/<torrent name>/`` with resume, file selection and events.
+
+Resume protocol (state under ``OUTPUT/.weightswarm/``): ``<hash>.torrent`` holds the metadata as soon as
+it is known; ``<hash>.resume`` is written only on a clean stop and consumed when the next run starts.
+After a crash there is no resume file, so libtorrent re-hashes whatever is on disk and keeps every piece
+that passes: nothing verified is downloaded twice, and nothing unverified is trusted.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import libtorrent as lt
+
+from distrib.session import SessionOptions, Stop, add_peers, make_session, state_dir
+from distrib.source import Source
+from distrib.torrentfile import Torrent, check_info_paths, parse_torrent
+from verify.atomic import atomic_write_bytes
+from weightswarm.errors import InputError, SwarmError
+
+Event = Callable[[dict], None]
+
+
+@dataclass(frozen=True)
+class SeedAfter:
+    seconds: float | None = None
+    ratio: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "SeedAfter":
+        """``30s``, ``10m``, ``2h`` (a time) or ``1.5x`` (an upload ratio)."""
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        try:
+            if text.endswith("x"):
+                return cls(ratio=float(text[:-1]))
+            if text[-1:] in units:
+                return cls(seconds=float(text[:-1]) * units[text[-1]])
+            return cls(seconds=float(text))
+        except ValueError:
+            raise InputError(text, "not a seeding time (30s, 10m, 2h) or ratio (1.5x)") from None
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    output: Path
+    only: tuple[str, ...] = ()
+    peers: tuple[tuple[str, int], ...] = ()
+    web_seeds: tuple[str, ...] = ()
+    session: SessionOptions = field(default_factory=SessionOptions)
+    seed_after: SeedAfter | None = None
+    timeout: float = 0  # give up after this long without progress; 0 = never
+
+
+@dataclass
+class FetchResult:
+    torrent: Torrent
+    root: Path  # OUTPUT/<name>
+    selected: list[str]  # payload paths that were wanted
+    downloaded: int  # payload bytes received in this run
+    seconds: float
+
+
+def check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise InputError(output, "exists and is not a folder")
+    if not output.parent.is_dir():
+        raise InputError(output.parent, "output parent folder does not exist")
+
+
+def select_files(torrent: Torrent, only: tuple[str, ...]) -> list[str]:
+    """Payload paths matching any GLOB (on the path inside the torrent or on the file name); all if none."""
+    paths = [f.path for f in torrent.payload_files()]
+    if not only:
+        return paths
+    chosen = [p for p in paths if any(fnmatch.fnmatchcase(p, g) or fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], g)
+                                      for g in only)]
+    if not chosen:
+        raise InputError(" ".join(only), "--only matches no file in the torrent",
+                         hint="files: " + ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
+    return chosen
+
+
+class Fetcher:
+    """One torrent in one session: ``with Fetcher(...) as f: f.fetch(); ...; f.seed()``."""
+
+    def __init__(self, source: Source, opts: FetchOptions, emit: Event):
+        self.source, self.opts, self.emit = source, opts, emit
+        self.state = Path(state_dir(opts.output))
+        self.torrent: Torrent | None = source.torrent
+        self.selected: list[str] = select_files(self.torrent, opts.only) if self.torrent else []
+        self.ses: lt.session | None = None
+        self.handle: lt.torrent_handle | None = None
+
+    def __enter__(self) -> "Fetcher":
+        check_output(self.opts.output)
+        self.opts.output.mkdir(exist_ok=True)
+        self.state.mkdir(exist_ok=True)
+        self.ses = make_session(self.opts.session)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._save_resume()
+        self.ses.pause()
+
+    def fetch(self) -> FetchResult:
+        ses, start = self.ses, time.monotonic()
+        self.handle = h = ses.add_torrent(self._params())
+        self.emit({"event": "start", "source": self.source.text, "info_hash": self.source.key,
+                   "output": str(self.opts.output), "listen_port": ses.listen_port()})
+        if self.torrent:
+            self._announce_metadata()
+        finished = False
+        last_emit, last_change, best = 0.0, time.monotonic(), -1
+        while not finished:
+            ses.wait_for_alert(250)
+            for a in ses.pop_alerts():
+                finished |= self._on_alert(a)
+            now, st = time.monotonic(), h.status()
+            if st.num_peers == 0 and self.opts.peers:
+                self._connect()
+            if st.total_wanted_done > best:
+                best, last_change = st.total_wanted_done, now
+            finished |= bool(self.torrent) and st.is_finished and st.state in _DONE_STATES
+            if now - last_emit >= 0.5 or finished:
+                last_emit = now
+                self.emit(self._progress(st))
+            if not finished and self.opts.timeout and now - last_change > self.opts.timeout:
+                what = "data" if self.torrent else "metadata"
+                raise SwarmError(self.source.text, f"no {what} received for {self.opts.timeout:g} s "
+                                 f"({st.num_peers} peers)", hint="add peers with --peer HOST:PORT")
+        seconds = time.monotonic() - start
+        downloaded = h.status().total_payload_download
+        self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3)})
+        return FetchResult(self.torrent, self.torrent.root(self.opts.output), self.selected, downloaded, seconds)
+
+    def seed(self) -> None:
+        """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""
+        sa, start = self.opts.seed_after, time.monotonic()
+        wanted = sum(f.size for f in self.torrent.payload_files() if f.path in set(self.selected))
+        try:
+            while True:
+                self.ses.wait_for_alert(500)
+                self.ses.pop_alerts()
+                st = self.handle.status()
+                self.emit(self._progress(st) | {"event": "seeding"})
+                if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
+                    return
+                if sa.ratio is not None and wanted and st.all_time_upload / wanted >= sa.ratio:
+                    return
+        except Stop:
+            return
+
+    def _params(self) -> lt.add_torrent_params:
+        atp = self.source.params
+        resume = self.state / f"{self.source.key}.resume"
+        meta = self.state / f"{self.source.key}.torrent"
+        if resume.exists():
+            # Consumed now: if this run dies, the next finds none and re-checks the data on disk.
+            try:
+                atp = lt.read_resume_data(resume.read_bytes())
+            except RuntimeError:
+                pass  # unreadable: without resume data libtorrent checks the files itself
+            resume.unlink()
+        if not self.torrent and meta.exists():
+            self.torrent = parse_torrent(meta.read_bytes(), meta)
+            self.selected = select_files(self.torrent, self.opts.only)
+        if self.torrent:
+            atp.ti = self.torrent.info
+            atp.file_priorities = self._priorities()
+        else:
+            # Download nothing until the metadata has been checked for unsafe paths.
+            atp.flags |= lt.torrent_flags.upload_mode
+        atp.save_path = str(self.opts.output)
+        atp.part_file_dir = str(self.state)
+        atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+        atp.url_seeds = list(atp.url_seeds) + list(self.opts.web_seeds)
+        return atp
+
+    def _priorities(self) -> list[int]:
+        wanted = set(self.selected)
+        return [4 if (not f.pad and f.path in wanted) else 0 for f in self.torrent.files()]
+
+    def _on_metadata_received(self) -> None:
+        info = self.handle.torrent_file().info_section()
+        check_info_paths(lt.bdecode(info), self.source.text)
+        data = lt.bencode({b"info": lt.bdecode(info)})
+        self.torrent = parse_torrent(data, self.source.text)
+        self.selected = select_files(self.torrent, self.opts.only)
+        atomic_write_bytes(self.state / f"{self.source.key}.torrent", data)
+        self.handle.prioritize_files(self._priorities())
+        self.handle.unset_flags(lt.torrent_flags.upload_mode)
+        self._announce_metadata()
+
+    def _announce_metadata(self) -> None:
+        files = self.torrent.payload_files()
+        self.emit({"event": "metadata", "name": self.torrent.name, "files": len(files),
+                   "total_size": sum(f.size for f in files), "selected": self.selected,
+                   "selected_size": sum(f.size for f in files if f.path in self.selected)})
+
+    def _on_alert(self, a) -> bool:
+        """Handle one alert; True when the wanted files are complete."""
+        if isinstance(a, lt.metadata_received_alert):
+            self._on_metadata_received()
+        elif isinstance(a, lt.torrent_checked_alert):
+            st = self.handle.status()
+            self.emit({"event": "checked", "have_bytes": st.total_wanted_done, "wanted_bytes": st.total_wanted})
+            self._connect()
+        elif isinstance(a, lt.torrent_finished_alert):
+            return self.torrent is not None
+        elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
+            raise SwarmError(self.opts.output, f"disk or torrent error: {a.message()}")
+        elif isinstance(a, lt.hash_failed_alert):
+            self.emit({"event": "hash_failed", "piece": int(a.piece_index)})
+        return False
+
+    def _connect(self) -> None:
+        try:
+            add_peers(self.handle, list(self.opts.peers))
+        except RuntimeError:
+            pass  # still checking files; retried on torrent_checked_alert and while no peer is connected
+
+    def _progress(self, st) -> dict:
+        return {"event": "progress", "state": str(st.state), "done": st.total_wanted_done,
+                "wanted": st.total_wanted, "download_rate": st.download_payload_rate,
+                "upload_rate": st.upload_payload_rate, "peers": st.num_peers, "seeds": st.num_seeds,
+                "pieces": st.num_pieces, "pieces_total": self.torrent.info.num_pieces() if self.torrent else 0,
+                "downloaded": st.total_payload_download, "uploaded": st.all_time_upload}
+
+    def _save_resume(self, deadline: float = 10.0) -> None:
+        """Write resume data for the next run; on any failure the next run simply re-checks."""
+        h, ses = self.handle, self.ses
+        if not (self.torrent and h and h.is_valid()):
+            return
+        h.save_resume_data(lt.save_resume_flags_t.flush_disk_cache | lt.save_resume_flags_t.save_info_dict)
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            ses.wait_for_alert(200)
+            for a in ses.pop_alerts():
+                if isinstance(a, lt.save_resume_data_alert):
+                    atomic_write_bytes(self.state / f"{self.source.key}.resume", lt.write_resume_data_buf(a.params))
+                    return
+                if isinstance(a, lt.save_resume_data_failed_alert):
+                    return
+
+
+_DONE_STATES = (lt.torrent_status.finished, lt.torrent_status.seeding)

@@ -1,0 +1,107 @@
+"""libtorrent sessions configured for weightswarm, and the small helpers every command needs."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+from dataclasses import dataclass
+
+import libtorrent as lt
+
+from weightswarm import __version__
+from weightswarm.errors import InputError
+
+ALERTS = (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
+          | lt.alert_category.file_progress | lt.alert_category.connect)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    listen: str = "0.0.0.0:6881"
+    dht: bool = True
+    upload_rate: int = 0  # bytes/s, 0 = unlimited
+    download_rate: int = 0
+    max_connections: int = 200
+
+
+def parse_endpoint(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[v6]:PORT`` -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InputError(text, f"not a valid {what} (expected HOST:PORT)")
+    return host, int(port)
+
+
+def make_session(opts: SessionOptions) -> lt.session:
+    host, port = parse_endpoint(opts.listen, "listen address")
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    loopback_only = _is_loopback(host)
+    settings = {
+        "listen_interfaces": listen,
+        "user_agent": f"weightswarm/{__version__}",
+        "alert_mask": int(ALERTS),
+        "enable_dht": opts.dht and not loopback_only,
+        "enable_lsd": opts.dht and not loopback_only,
+        # Port mapping talks to the LAN's router: never by surprise.
+        "enable_upnp": False,
+        "enable_natpmp": False,
+        # Dialling uTP first made loopback and LAN transfers crawl (6-14 MB/s); incoming uTP is still served.
+        "enable_outgoing_utp": False,
+        "tick_interval": 100,
+        # Several of our own nodes on one host share an IP; needed for trackers on loopback.
+        "allow_multiple_connections_per_ip": True,
+        "upload_rate_limit": opts.upload_rate,
+        "download_rate_limit": opts.download_rate,
+        "connections_limit": opts.max_connections,
+        "recv_socket_buffer_size": 4 * 1024 * 1024,
+        "send_socket_buffer_size": 4 * 1024 * 1024,
+    }
+    try:
+        ses = lt.session(settings)
+    except RuntimeError as e:
+        raise InputError(opts.listen, f"cannot start a session: {e}") from None
+    if opts.upload_rate or opts.download_rate:
+        _limit_local_peers(ses)
+    return ses
+
+
+def _limit_local_peers(ses: lt.session) -> None:
+    """libtorrent exempts LAN and loopback peers from rate limits; a limit the user set applies to all."""
+    f = lt.ip_filter()
+    everyone = 1 << lt.session.global_peer_class_id
+    f.add_rule("0.0.0.0", "255.255.255.255", everyone)
+    f.add_rule("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", everyone)
+    ses.set_peer_class_filter(f)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def listen_port(ses: lt.session) -> int:
+    return ses.listen_port()
+
+
+def add_peers(handle: lt.torrent_handle, peers: list[tuple[str, int]]) -> None:
+    for host, port in peers:
+        handle.connect_peer((host, port))
+
+
+class Stop(Exception):
+    """Raised in the main thread by SIGINT/SIGTERM so loops can save state and leave cleanly."""
+
+
+def install_stop_signals() -> None:
+    def handler(signum, frame):
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def state_dir(output: str | os.PathLike) -> str:
+    return os.path.join(output, ".weightswarm")
