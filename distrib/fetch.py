@@ -20,6 +20,7 @@ from distrib.session import SessionOptions, Stop, add_peers, make_session, state
 from distrib.source import Source
 from distrib.torrentfile import Torrent, check_info_paths, parse_torrent
 from verify.atomic import atomic_write_bytes
+from verify.report import Finding
 from weightswarm.errors import InputError, SwarmError
 
 Event = Callable[[dict], None]
@@ -62,6 +63,7 @@ class FetchResult:
     selected: list[str]  # payload paths that were wanted
     downloaded: int  # payload bytes received in this run
     seconds: float
+    pieces: list[Finding]  # per wanted file: complete, so every piece of it passed its hash on arrival
 
 
 def check_output(output: Path) -> None:
@@ -135,7 +137,18 @@ class Fetcher:
         seconds = time.monotonic() - start
         downloaded = h.status().total_payload_download
         self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3)})
-        return FetchResult(self.torrent, self.torrent.root(self.opts.output), self.selected, downloaded, seconds)
+        return FetchResult(self.torrent, self.torrent.root(self.opts.output), self.selected, downloaded, seconds,
+                           self._piece_findings())
+
+    def _piece_findings(self) -> list[Finding]:
+        done = self.handle.file_progress(lt.torrent_handle.piece_granularity)
+        out = []
+        for f in self.torrent.payload_files():
+            if f.path in self.selected:
+                ok = done[f.index] == f.size
+                out.append(Finding("pieces", f.path, ok, "every piece passed its hash check on arrival" if ok
+                                   else f"incomplete: {done[f.index]} of {f.size} bytes"))
+        return out
 
     def seed(self) -> None:
         """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""

@@ -24,6 +24,8 @@ class Source:
     @property
     def key(self) -> str:
         """The name under which resume state is kept: the v1 info-hash, else the v2 one."""
+        if self.torrent:
+            return self.torrent.info_hash
         ih = self.params.info_hashes
         return str(ih.v1) if ih.has_v1() else str(ih.v2)
 

@@ -1,0 +1,60 @@
+"""Everything ``verify`` and ``fetch`` check on a folder, in order: pieces, checksums, structure."""
+from __future__ import annotations
+
+import fnmatch
+import os
+from pathlib import Path
+from typing import Callable
+
+from distrib.torrentfile import Torrent
+from verify.checksums import verify_checksums
+from verify.pieces import verify_pieces
+from verify.report import Finding, Report
+from verify.structure import check_structure
+
+# Where publishers put their sums: Mistral's RELEASE, `*.md5`, `SHA256SUMS`, `B3SUMS`...
+CHECKSUM_GLOBS = ("RELEASE", "*.md5", "*SUMS", "*sums", "*SUMS.txt", "*sums.txt")
+
+
+def find_checksum_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, g) for g in CHECKSUM_GLOBS))
+
+
+def verify_folder(root: str | os.PathLike, torrent: Torrent | None = None,
+                  checksum_files: list[Path] | None = None, algo: str | None = None, published: list[tuple[str, str, str]] = (),
+                  structure: bool = True, only: set[str] | None = None, workers: int = 2,
+                  progress: Callable[[int], None] | None = None) -> Report:
+    """Run the checks that apply. ``checksum_files=None`` means the ones the payload carries;
+    ``published`` adds (path, algo, hex) sums known from elsewhere (the catalog); ``only`` limits the
+    checksum and structure findings to those payload paths (a partial fetch)."""
+    root = Path(root)
+    report = Report(str(root))
+    if torrent is not None:
+        report.extend(_keep(verify_pieces(root, torrent, workers, progress), only))
+    files = find_checksum_files(root) if checksum_files is None else checksum_files
+    for cf in files:
+        report.extend(_keep(verify_checksums(root, cf, algo, workers), only))
+    for path, algo, digest in published:
+        if only is None or path in only:
+            report.extend(_published(root, path, algo, digest))
+    if structure:
+        report.extend(_keep(check_structure(root, workers), only))
+    return report
+
+
+def _keep(findings: list[Finding], only: set[str] | None) -> list[Finding]:
+    return findings if only is None else [f for f in findings if f.path in only]
+
+
+def _published(root: Path, path: str, algo: str, digest: str) -> list[Finding]:
+    from verify.hashing import hash_file
+
+    target = root / path
+    if not target.is_file():
+        return [Finding("checksum", path, False, "missing")]
+    got = hash_file(target, algo)
+    ok = got == digest
+    return [Finding("checksum", path, ok, f"{algo} ok (published)" if ok else
+                    f"{algo} mismatch: expected {digest} (published), got {got}")]

@@ -1,0 +1,280 @@
+"""The ``weightswarm`` command: parses options, delegates, and turns errors into exit codes.
+
+Exit status: 0 success, 1 verification failed (the data is wrong), 2 bad input or usage, 130 interrupted.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from distrib.session import SessionOptions, Stop, install_stop_signals, parse_endpoint
+from weightswarm.console import Reporter, human, print_report
+from weightswarm.errors import InputError, VerificationError, WeightswarmError
+
+BYTES_SUFFIX = {"k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """``4096``, ``16k``, ``8m``, ``1g`` (binary units)."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(t[:-1]) * BYTES_SUFFIX[t[-1]]) if t and t[-1] in BYTES_SUFFIX else int(t)
+    except ValueError:
+        raise InputError(text, "not a byte count (e.g. 65536, 16k, 8m, 1g)") from None
+
+
+def handle_errors(fn):
+    """Every command: one ``Error: <path>: <problem>`` line and its exit status, traceback only with --verbose."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", False)
+        try:
+            install_stop_signals()
+            return fn(*args, **kwargs)
+        except WeightswarmError as e:
+            _fail(verbose, str(e), e.hint, e.exit_code)
+        except (Stop, KeyboardInterrupt):
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except OSError as e:
+            _fail(verbose, f"{e.filename or 'I/O'}: {e.strerror or e}", None, 2)
+
+    return wrapper
+
+
+def _fail(verbose: bool, message: str, hint: str | None, code: int):
+    if verbose:
+        traceback.print_exc()
+    click.echo(f"Error: {message}", err=True)
+    if hint:
+        click.echo(f"Hint: {hint}", err=True)
+    sys.exit(code)
+
+
+def session_options(listen: str, no_dht: bool, up: str | None = None, down: str | None = None) -> SessionOptions:
+    parse_endpoint(listen, "listen address")
+    return SessionOptions(listen=listen, dht=not no_dht, upload_rate=parse_bytes(up) if up else 0,
+                          download_rate=parse_bytes(down) if down else 0)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verbose", is_flag=True, help="Show tracebacks.")
+@click.version_option(package_name="weightswarm")
+def main(verbose: bool) -> None:
+    """Fetch, verify, convert and seed open model weights released over BitTorrent."""
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", default="tiny", show_default=True, help="tiny, small, medium, 1g or 4g.")
+@click.option("--split", "split", metavar="BYTES", help="Write consolidated.00.pth-split0..N parts of BYTES each.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the weights.")
+@handle_errors
+def synth(out: Path, preset: str, split: str | None, seed: int) -> None:
+    """Write a synthetic release in the real Mixtral 8x7B torrent layout into OUT."""
+    from runner.synth import synthesize
+
+    written = synthesize(out, preset=preset, split=parse_bytes(split) if split else None, seed=seed)
+    for p in written:
+        click.echo(f"{p}  {human(p.stat().st_size)}")
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@handle_errors
+def catalog(name: str | None, as_json: bool) -> None:
+    """The known torrent releases; NAME works wherever a SOURCE is accepted."""
+    from dataclasses import asdict
+
+    from distrib.catalog import RELEASES, lookup
+
+    releases = RELEASES
+    if name:
+        r = lookup(name)
+        if not r:
+            raise InputError(name, "not in the catalog", hint="names: " + ", ".join(r.name for r in RELEASES))
+        releases = (r,)
+    if as_json:
+        click.echo(json.dumps([asdict(r) | {"magnet": r.magnet} for r in releases], indent=2))
+        return
+    for r in releases:
+        click.echo(f"{r.name}: {r.title}\n  magnet: {r.magnet}")
+        for f in r.files:
+            size = "size unknown" if f.size is None else ("~" if f.approx else "") + human(f.size)
+            click.echo(f"  file: {f.path} ({size})")
+        for path, digest in r.md5:
+            click.echo(f"  md5:  {digest}  {path}")
+        if r.notes:
+            click.echo(f"  note: {r.notes}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The .torrent to write.")
+@click.option("--format", "fmt", type=click.Choice(["hybrid", "v1", "v2"]), default="hybrid", show_default=True)
+@click.option("--piece-size", metavar="BYTES", help="Power of two >= 16k; default: at most ~1500 pieces.")
+@click.option("--tracker", multiple=True, help="Announce URL (repeatable, one tier each).")
+@click.option("--web-seed", multiple=True, help="BEP 19 web seed URL (repeatable).")
+@click.option("--private", is_flag=True, help="Set the private flag (no DHT, no PEX).")
+@click.option("--comment", default="", help="Comment stored in the torrent.")
+@handle_errors
+def create(path: Path, output: Path, fmt: str, piece_size: str | None, tracker, web_seed, private, comment) -> None:
+    """Make a deterministic torrent of PATH (a folder becomes the torrent's top folder)."""
+    from distrib.create import CreateOptions, list_payload, write_torrent
+
+    opts = CreateOptions(format=fmt, piece_size=parse_bytes(piece_size) if piece_size else 0,
+                         trackers=tuple(tracker), web_seeds=tuple(web_seed), private=private, comment=comment)
+    rep = Reporter()
+    size = sum(s for _, s in list_payload(path))
+    bar = rep.bar(f"hashing {path.name}", size)
+    state = {"done": 0}
+
+    def progress(done: int, total: int) -> None:
+        bar((done - state["done"]) * size // total)
+        state["done"] = done
+
+    t = write_torrent(path, output, opts, progress)
+    rep.close()
+    click.echo(f"wrote {output}: {t.name}, {len(t.payload_files())} files, {t.info.num_pieces()} pieces of "
+               f"{human(t.info.piece_length())}")
+    click.echo(f"v1 info-hash: {t.v1 or '-'}\nv2 info-hash: {t.v2 or '-'}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--torrent", "torrent_path", type=click.Path(path_type=Path), required=True)
+@click.option("--listen", default="0.0.0.0:6881", show_default=True, help="HOST:PORT to accept peers on.")
+@click.option("--no-dht", is_flag=True, help="No DHT and no local peer discovery.")
+@click.option("--assume-verified", is_flag=True, help="Skip the full check; pieces are checked as they are sent.")
+@click.option("--max-upload-rate", metavar="BYTES", help="Upload limit per second (e.g. 10m).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@handle_errors
+def seed(path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_verified: bool,
+         max_upload_rate: str | None, as_json: bool) -> None:
+    """Seed PATH (the torrent's top folder) in the foreground until Ctrl-C/SIGTERM."""
+    from distrib.seed import SeedOptions
+    from distrib.seed import seed as run_seed
+    from distrib.torrentfile import load_torrent
+
+    torrent = load_torrent(torrent_path)
+    opts = SeedOptions(session=session_options(listen, no_dht, up=max_upload_rate), assume_verified=assume_verified)
+    rep = Reporter(as_json)
+    try:
+        run_seed(torrent, path, opts, rep)
+    finally:
+        rep.close()
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Folder; files land in OUTPUT/<torrent name>/.")
+@click.option("--only", multiple=True, metavar="GLOB", help="Fetch only matching files (repeatable).")
+@click.option("--peer", multiple=True, metavar="HOST:PORT", help="Connect to this peer (repeatable).")
+@click.option("--web-seed", multiple=True, metavar="URL", help="Add a BEP 19 web seed (repeatable).")
+@click.option("--listen", default="0.0.0.0:6881", show_default=True, help="HOST:PORT to accept peers on.")
+@click.option("--no-dht", is_flag=True, help="No DHT and no local peer discovery.")
+@click.option("--max-download-rate", metavar="BYTES", help="Download limit per second (e.g. 10m).")
+@click.option("--max-upload-rate", metavar="BYTES", help="Upload limit per second.")
+@click.option("--seed-after", metavar="TIME|RATIO", help="Keep seeding after completion: 30m, 2h or 1.5x.")
+@click.option("--timeout", type=float, default=0, help="Give up after this many seconds without progress.")
+@click.option("--no-verify", is_flag=True, help="Skip the checks after the download (pieces are still hashed).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
+@handle_errors
+def fetch(source: str, output: Path, only, peer, web_seed, listen: str, no_dht: bool, max_download_rate,
+          max_upload_rate, seed_after, timeout: float, no_verify: bool, as_json: bool) -> None:
+    """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
+    from distrib.fetch import FetchOptions, Fetcher, SeedAfter
+    from distrib.source import resolve
+    from verify.folder import verify_folder
+
+    opts = FetchOptions(output=output, only=tuple(only), peers=tuple(parse_endpoint(p, "peer") for p in peer),
+                        web_seeds=tuple(web_seed), timeout=timeout,
+                        session=session_options(listen, no_dht, up=max_upload_rate, down=max_download_rate),
+                        seed_after=SeedAfter.parse(seed_after) if seed_after else None)
+    src = resolve(source)
+    rep = Reporter(as_json)
+    try:
+        with Fetcher(src, opts, rep) as fetcher:
+            result = fetcher.fetch()
+            report = None
+            if not no_verify:
+                published = [(p, "md5", d) for p, d in src.release.md5] if src.release else []
+                # libtorrent hashed every piece as it arrived; the checks below are the publisher's and ours.
+                only_set = set(result.selected) if opts.only else None
+                report = verify_folder(result.root, checksum_files=None, published=published, only=only_set)
+                report.findings[:0] = result.pieces
+                _show(rep, report, as_json)
+            if opts.seed_after and (report is None or report.ok):
+                fetcher.seed()
+    finally:
+        rep.close()
+    if report is not None and not report.ok:
+        raise VerificationError(result.root, f"{len(report.failures)} check(s) failed")
+
+
+def _show(rep: Reporter, report, as_json: bool) -> None:
+    if as_json:
+        rep({"event": "verify", "report": report.to_json()})
+    else:
+        rep.close()
+        print_report(report)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--torrent", "torrent_path", type=click.Path(path_type=Path), help="Re-hash every piece against it.")
+@click.option("--checksums", "checksum_files", multiple=True, type=click.Path(path_type=Path),
+              help="md5sum/sha256sum/b3sum file (repeatable); default: RELEASE, *.md5, *SUMS in FOLDER.")
+@click.option("--algo", help="Hash algorithm of the checksum files when their name does not say.")
+@click.option("--no-structure", is_flag=True, help="Skip the structural checks of weight files.")
+@click.option("--workers", default=os.cpu_count() or 2, show_default=True, help="Threads for hashing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_structure, workers, as_json) -> None:
+    """Verify FOLDER (a torrent's top folder): pieces, checksums, weight file structure."""
+    from distrib.torrentfile import load_torrent
+    from verify.folder import verify_folder
+
+    if not folder.exists():
+        raise InputError(folder, "no such file or folder")
+    torrent = load_torrent(torrent_path) if torrent_path else None
+    rep = Reporter(as_json)
+    bar = rep.bar("verifying", torrent.info.total_size()) if torrent else None
+    report = verify_folder(folder, torrent, list(checksum_files) or None, algo=algo,
+                           structure=not no_structure, workers=workers, progress=bar)
+    _show(rep, report, as_json)
+    if not report.ok:
+        sys.exit(VerificationError.exit_code)
+
+
+@main.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Default: TARGET itself.")
+@click.option("--md5", help="Expected md5 (default: from a RELEASE file beside the parts).")
+@handle_errors
+def join(target: Path, output: Path | None, md5: str | None) -> None:
+    """Reassemble TARGET from TARGET-split0..N, checking its checksum on the fly."""
+    from verify.checksums import parse_checksums
+    from verify.splits import join as join_parts
+    from verify.splits import split_parts
+
+    parts = split_parts(target)
+    if not parts:
+        raise InputError(target, "no split parts found (expected NAME-split0, NAME-split1, ...)")
+    expected = ("md5", md5) if md5 else None
+    release = target.parent / "RELEASE"
+    if not expected and release.is_file():
+        match = [e for e in parse_checksums(release) if e.name == target.name]
+        expected = (match[0].algo, match[0].digest) if match else None
+    digest = join_parts(parts, output or target, expected)
+    checked = f", {expected[0]} {digest} ok" if expected else " (no checksum to check)"
+    click.echo(f"wrote {output or target} from {len(parts)} parts{checked}")
