@@ -1,0 +1,208 @@
+"""Synthetic releases laid out like the Mixtral 8x7B torrent, scaled down, for tests and benchmarks.
+
+``synthesize(out)`` writes ``params.json``, ``consolidated.00.pth`` (or its ``-splitN`` parts),
+``tokenizer.model`` and ``RELEASE`` into ``out``. The same arguments always give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from runner.config import ModelArgs, MoeArgs
+from weightswarm.errors import InputError
+
+CHECKPOINT = "consolidated.00.pth"
+PARAMS = "params.json"
+TOKENIZER = "tokenizer.model"
+RELEASE = "RELEASE"
+CORPUS = Path(__file__).parent / "data" / "corpus.txt"
+# Small enough to train in a few hundredths of a second on the bundled corpus; the same for every preset.
+VOCAB_SIZE = 1000
+
+# Dimensions per preset; all keep Mixtral's 8 experts with 2 per token. Sizes are of the bf16 checkpoint.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2),  # ~1.1 MB
+    "small": dict(dim=256, n_layers=4, head_dim=32, hidden_dim=512, n_heads=8, n_kv_heads=2),  # ~27 MB
+    "medium": dict(dim=512, n_layers=8, head_dim=64, hidden_dim=1280, n_heads=8, n_kv_heads=2),  # ~264 MB
+    "1g": dict(dim=1024, n_layers=8, head_dim=64, hidden_dim=2560, n_heads=16, n_kv_heads=4),  # ~1.05 GB
+    "4g": dict(dim=2048, n_layers=8, head_dim=128, hidden_dim=5120, n_heads=16, n_kv_heads=4),  # ~4.2 GB
+}
+
+
+def preset_args(preset: str, vocab_size: int = VOCAB_SIZE) -> ModelArgs:
+    """The ModelArgs of a preset, shaped like Mixtral's params.json (no rope_theta, no sliding_window)."""
+    if preset not in PRESETS:
+        raise InputError("preset", f"unknown preset {preset!r}", hint=f"choose one of: {', '.join(PRESETS)}")
+    return ModelArgs(**PRESETS[preset], norm_eps=1e-5, vocab_size=vocab_size,
+                     moe=MoeArgs(num_experts=8, num_experts_per_tok=2))
+
+
+def train_tokenizer(vocab_size: int = VOCAB_SIZE) -> bytes:
+    """A SentencePiece BPE model trained on the bundled corpus, configured like Llama's and Mistral's."""
+    lines = [line for line in CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        num_threads=1,  # one thread keeps the merge order, and so the bytes, the same on every run
+        minloglevel=2,  # training is quick and its log is noise
+    )
+    return model.getvalue()
+
+
+def make_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded bf16 tensors with Mistral's names, in checkpoint order, each with its own storage.
+
+    Matrices are normal with std fan_in**-0.5 (about what the real weights have, 0.016 at dim 4096),
+    so activations keep unit scale and a wrong permutation shows up in the logits; norm weights are 1 +- 0.02.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in args.tensor_shapes().items():
+        t = torch.empty(shape, dtype=torch.bfloat16)  # filled in place: no float32 copy of a big tensor
+        if len(shape) == 1:
+            t.normal_(1.0, 0.02, generator=gen)
+        else:
+            t.normal_(0.0, shape[-1] ** -0.5, generator=gen)
+        tensors[name] = t
+    return tensors
+
+
+def synthesize(out: str | os.PathLike, preset: str = "tiny", split: int | None = None, seed: int = 0) -> list[Path]:
+    """Write a synthetic release into the new or empty folder ``out``; return the written paths.
+
+    With ``split`` the checkpoint is written as ``consolidated.00.pth-split0``, ``-split1``, ... of
+    ``split`` bytes each (the last shorter), as the Hugging Face mirrors did; RELEASE still carries
+    the md5 of the whole file. Every file appears under its final name only once complete.
+    """
+    if split is not None and split <= 0:
+        raise InputError("split", f"must be a positive number of bytes, not {split}")
+    tokenizer = train_tokenizer()
+    # params.json must name the tokenizer's real piece count, whatever the trainer made of VOCAB_SIZE.
+    args = preset_args(preset, spm.SentencePieceProcessor(model_proto=tokenizer).get_piece_size())
+    out = _prepare(Path(out))
+
+    # One line plus a newline: the shipped 8x7B params.json is json.dumps' 192 bytes + 1.
+    params = json.dumps(args.to_dict()) + "\n"
+    written = [_write(out / PARAMS, params.encode()), _write(out / TOKENIZER, tokenizer)]
+    sink = _PartWriter(out, split)
+    try:
+        torch.save(make_state_dict(args, seed), sink)
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    written += sink.paths
+    sums = f"{sink.md5.hexdigest()}  {CHECKPOINT}\n{hashlib.md5(tokenizer).hexdigest()}  {TOKENIZER}\n"
+    # RELEASE goes last: its presence says the rest is complete.
+    written.append(_write(out / RELEASE, sums.encode()))
+    _fsync_dir(out)
+    return written
+
+
+def _prepare(out: Path) -> Path:
+    """Create ``out``, refusing a missing parent or a folder that already holds something."""
+    if not out.parent.is_dir():
+        raise InputError(out.parent, "no such folder", hint="create it first, or choose another output folder")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(out, "exists and is not a folder")
+        if any(out.iterdir()):
+            raise InputError(out, "already exists and is not empty", hint="choose a new folder or empty this one")
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def _temp(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp")
+
+
+def _commit(f: io.BufferedWriter, final: Path) -> Path:
+    """Make the temp file ``f`` durable, then give it its final name (a rename within a folder is atomic)."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(f.name, final)
+    return final
+
+
+def _write(final: Path, data: bytes) -> Path:
+    f = open(_temp(final), "wb")
+    try:
+        f.write(data)
+        return _commit(f, final)
+    except BaseException:
+        f.close()
+        _temp(final).unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames themselves survive a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _PartWriter(io.RawIOBase):
+    """The stream torch.save writes to: hashes everything and cuts it into files of ``split`` bytes.
+
+    A stream rather than a path also keeps the temp name out of the archive: torch.save(path) names
+    the zip's top folder after the file it writes to.
+    """
+
+    def __init__(self, out: Path, split: int | None):
+        super().__init__()
+        self.out, self.split = out, split
+        self.md5 = hashlib.md5()
+        self.paths: list[Path] = []  # final names, in order
+        self._file: io.BufferedWriter | None = None
+        self._room = 0  # bytes the current part can still take
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        self.md5.update(view)
+        while view:
+            if not self._room:
+                self._next_part()
+            n = min(self._room, len(view))
+            self._file.write(view[:n])
+            self._room -= n
+            view = view[n:]
+        return size
+
+    def _next_part(self) -> None:
+        # Parts are opened only when there is data for them, so an exact multiple leaves no empty last part.
+        if self._file:
+            _commit(self._file, self.paths[-1])
+        name = CHECKPOINT if self.split is None else f"{CHECKPOINT}-split{len(self.paths)}"
+        self.paths.append(self.out / name)
+        self._file = open(_temp(self.paths[-1]), "wb")
+        self._room = self.split or sys.maxsize  # unsplit: one part that never fills
+
+    def finish(self) -> None:
+        if self._file:
+            _commit(self._file, self.paths[-1])
+            self._file = None
+
+    def abort(self) -> None:
+        """Remove the part being written; completed parts keep their (whole) contents."""
+        if self._file:
+            self._file.close()
+            _temp(self.paths[-1]).unlink(missing_ok=True)
+            self._file = None
