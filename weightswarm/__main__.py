@@ -1,0 +1,3 @@
+from weightswarm.cli import main
+
+main()
