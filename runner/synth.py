@@ -16,6 +16,7 @@ import sentencepiece as spm
 import torch
 
 from runner.config import ModelArgs, MoeArgs
+from verify.atomic import atomic_write_bytes, commit, fsync_dir, temp_path
 from weightswarm.errors import InputError
 
 CHECKPOINT = "consolidated.00.pth"
@@ -93,7 +94,7 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", split: int | None =
 
     # One line plus a newline: the shipped 8x7B params.json is json.dumps' 192 bytes + 1.
     params = json.dumps(args.to_dict()) + "\n"
-    written = [_write(out / PARAMS, params.encode()), _write(out / TOKENIZER, tokenizer)]
+    written = [atomic_write_bytes(out / PARAMS, params.encode()), atomic_write_bytes(out / TOKENIZER, tokenizer)]
     sink = _PartWriter(out, split)
     try:
         torch.save(make_state_dict(args, seed), sink)
@@ -104,8 +105,8 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", split: int | None =
     written += sink.paths
     sums = f"{sink.md5.hexdigest()}  {CHECKPOINT}\n{hashlib.md5(tokenizer).hexdigest()}  {TOKENIZER}\n"
     # RELEASE goes last: its presence says the rest is complete.
-    written.append(_write(out / RELEASE, sums.encode()))
-    _fsync_dir(out)
+    written.append(atomic_write_bytes(out / RELEASE, sums.encode()))
+    fsync_dir(out)
     return written
 
 
@@ -120,39 +121,6 @@ def _prepare(out: Path) -> Path:
             raise InputError(out, "already exists and is not empty", hint="choose a new folder or empty this one")
     out.mkdir(exist_ok=True)
     return out
-
-
-def _temp(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp")
-
-
-def _commit(f: io.BufferedWriter, final: Path) -> Path:
-    """Make the temp file ``f`` durable, then give it its final name (a rename within a folder is atomic)."""
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-    os.replace(f.name, final)
-    return final
-
-
-def _write(final: Path, data: bytes) -> Path:
-    f = open(_temp(final), "wb")
-    try:
-        f.write(data)
-        return _commit(f, final)
-    except BaseException:
-        f.close()
-        _temp(final).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames themselves survive a crash."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _PartWriter(io.RawIOBase):
@@ -189,20 +157,20 @@ class _PartWriter(io.RawIOBase):
     def _next_part(self) -> None:
         # Parts are opened only when there is data for them, so an exact multiple leaves no empty last part.
         if self._file:
-            _commit(self._file, self.paths[-1])
+            commit(self._file, self.paths[-1])
         name = CHECKPOINT if self.split is None else f"{CHECKPOINT}-split{len(self.paths)}"
         self.paths.append(self.out / name)
-        self._file = open(_temp(self.paths[-1]), "wb")
+        self._file = open(temp_path(self.paths[-1]), "wb")
         self._room = self.split or sys.maxsize  # unsplit: one part that never fills
 
     def finish(self) -> None:
         if self._file:
-            _commit(self._file, self.paths[-1])
+            commit(self._file, self.paths[-1])
             self._file = None
 
     def abort(self) -> None:
         """Remove the part being written; completed parts keep their (whole) contents."""
         if self._file:
             self._file.close()
-            _temp(self.paths[-1]).unlink(missing_ok=True)
+            temp_path(self.paths[-1]).unlink(missing_ok=True)
             self._file = None

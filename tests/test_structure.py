@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from runner.config import ModelArgs, MoeArgs
 from verify.report import Finding
 from verify.structure import check_structure, pth_tensors, safetensors_tensors
-from weightswarm.errors import FormatError
+from weightswarm.errors import FormatError, VerificationError
 
 ARGS = ModelArgs(dim=16, n_layers=2, head_dim=4, hidden_dim=32, n_heads=4, n_kv_heads=2, norm_eps=1e-5,
                  vocab_size=10, moe=MoeArgs(num_experts=2, num_experts_per_tok=1))
@@ -83,7 +83,7 @@ def flip_in_member(path: Path) -> str:
 def test_flipped_byte_names_the_member(tmp_path):
     release(tmp_path)
     member = flip_in_member(tmp_path / "consolidated.00.pth")
-    with pytest.raises(FormatError) as e:
+    with pytest.raises(VerificationError) as e:  # wrong bytes, not a malformed file: exit 1
         pth_tensors(tmp_path / "consolidated.00.pth")
     assert e.value.problem == f"bad CRC-32 in member {member}"
     assert check_structure(tmp_path) == [
@@ -152,7 +152,8 @@ def test_hidden_folders_and_broken_files(tmp_path):
     (tmp_path / "a.safetensors").write_bytes(b"junk")
     save_file({"x": torch.zeros(3)}, tmp_path / "b.safetensors")
     assert check_structure(tmp_path) == [
-        Finding("structure", "a.safetensors", False, "file is 4 bytes, too small for a safetensors header"),
+        Finding("structure", "a.safetensors", False, "file is 4 bytes, too small for a safetensors header",
+                refused=True),
         Finding("structure", "b.safetensors", True, "header ok, 1 tensors"),
     ]
 
@@ -248,8 +249,8 @@ def test_params_only_first_five_problems(tmp_path):
 def test_params_without_checkpoint_or_broken(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(ARGS.to_dict()))
     assert check_structure(tmp_path) == [
-        Finding("params", "params.json", False,
-                "no consolidated.00.pth or consolidated.safetensors beside it to compare with")]
+        Finding("params", "params.json", True,
+                "valid; no consolidated.00.pth or consolidated.safetensors beside it to compare with")]
     release(tmp_path)
     (tmp_path / "params.json").write_text("{")
     [_, f] = check_structure(tmp_path)

@@ -7,26 +7,40 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 
+def temp_path(dest: str | os.PathLike) -> Path:
+    """A hidden name beside DEST, on the same filesystem so the final rename is atomic."""
+    dest = Path(dest)
+    return dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+
+
+def commit(f: BinaryIO, dest: str | os.PathLike) -> Path:
+    """Make the temp file ``f`` durable, close it and give it its final name."""
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+    os.replace(f.name, dest)
+    return Path(dest)
+
+
 @contextlib.contextmanager
 def atomic_open(dest: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temp file beside DEST; on success fsync it and rename it to DEST, else delete it."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    """Open a temp file beside DEST; on success commit it to DEST, else delete it."""
+    tmp = temp_path(dest)
+    f = open(tmp, "wb")
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        yield f
+        commit(f, dest)
     except BaseException:
+        f.close()
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(dest.parent)
+    fsync_dir(Path(dest).parent)
 
 
-def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
     with atomic_open(dest) as f:
         f.write(data)
+    return Path(dest)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -46,12 +46,13 @@ def algo_from_filename(path: str | os.PathLike) -> str | None:
     return next((algo for hint, algo in _NAME_HINTS if hint in name), None)
 
 
-def parse_checksums(path: str | os.PathLike, algo: str | None = None) -> list[Entry]:
+def parse_checksums(path: str | os.PathLike, algo: str | None = None, lenient: bool = False) -> list[Entry]:
     """Entries of a checksum file. The algorithm is ``algo`` if given, else a BSD line's tag, else
     the file name's hint, else the digest length (so a RELEASE file of 32-digit lines is md5).
 
     Raises InputError for an unreadable file, an unknown ``algo`` or a name leaving the folder
-    (absolute or with ``..``); FormatError ``line N: ...`` for a line in no known format.
+    (absolute or with ``..``); FormatError ``line N: ...`` for a line in no known format, unless
+    ``lenient`` (a release's RELEASE file may carry prose around its sums: those lines are skipped).
     """
     path = Path(path)
     if algo is not None and algo.lower() not in DIGEST_HEX_LEN:
@@ -67,7 +68,11 @@ def parse_checksums(path: str | os.PathLike, algo: str | None = None) -> list[En
         line = line.removesuffix("\r")
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        entries.append(_parse_line(path, n, line, algo.lower() if algo else None, hinted))
+        try:
+            entries.append(_parse_line(path, n, line, algo.lower() if algo else None, hinted))
+        except FormatError:
+            if not lenient:
+                raise
     return entries
 
 
@@ -122,7 +127,7 @@ def _inside(root: Path, target: Path) -> None:
         raise InputError(target, f"resolves outside the verified folder (to {real})")
 
 
-def _locate(root: Path, checksum_file: str | os.PathLike) -> Path:
+def locate(root: Path, checksum_file: str | os.PathLike) -> Path:
     """A checksum file as given, or else relative to root (``verify DIR --checksums RELEASE``)."""
     given = Path(checksum_file)
     if given.is_file() or given.is_absolute():
@@ -131,7 +136,7 @@ def _locate(root: Path, checksum_file: str | os.PathLike) -> Path:
 
 
 def verify_checksums(root: str | os.PathLike, checksum_file: str | os.PathLike, algo: str | None = None,
-                     workers: int = 2) -> list[Finding]:
+                     workers: int = 2, lenient: bool = False) -> list[Finding]:
     """One Finding (check="checksum") per listed file, in the checksum file's order.
 
     Details: ``md5 ok``, ``md5 mismatch: expected X, got Y``, ``missing``, with `` (N split parts)``
@@ -139,7 +144,11 @@ def verify_checksums(root: str | os.PathLike, checksum_file: str | os.PathLike, 
     InputError for a listed file that is a symlink leading outside root (before hashing anything).
     """
     root = Path(root)
-    entries = parse_checksums(_locate(root, checksum_file), algo)
+    return verify_entries(root, parse_checksums(locate(root, checksum_file), algo, lenient), workers)
+
+
+def verify_entries(root: Path, entries: list[Entry], workers: int = 2) -> list[Finding]:
+    """verify_checksums for entries from anywhere (a checksum file, or sums published in the catalog)."""
     jobs: dict[int, tuple[Entry, Path, list[Path]]] = {}  # entry, file, its split parts if it has none
     findings: dict[int, Finding] = {}
     for i, e in enumerate(entries):

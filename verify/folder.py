@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from distrib.torrentfile import Torrent
-from verify.checksums import verify_checksums
+from verify.checksums import Entry, locate, parse_checksums, verify_entries
 from verify.pieces import verify_pieces
 from verify.report import Finding, Report
 from verify.structure import check_structure
@@ -34,11 +34,15 @@ def verify_folder(root: str | os.PathLike, torrent: Torrent | None = None,
     if torrent is not None:
         report.extend(_keep(verify_pieces(root, torrent, workers, progress), only))
     files = find_checksum_files(root) if checksum_files is None else checksum_files
+    entries = []
     for cf in files:
-        report.extend(_keep(verify_checksums(root, cf, algo, workers), only))
-    for path, algo, digest in published:
-        if only is None or path in only:
-            report.extend(_published(root, path, algo, digest))
+        # Sums the payload carries may sit among prose (Mistral's RELEASE); ones the user names may not.
+        entries += parse_checksums(locate(root, cf), algo, lenient=checksum_files is None)
+    entries += [Entry(0, path, a, digest) for path, a, digest in published]
+    # The catalog and RELEASE usually agree: hash a 93 GB file once, not once per list that names it.
+    unique = list({(e.name, e.algo, e.digest): e for e in entries}.values())
+    if unique:
+        report.extend(_keep(verify_entries(root, unique, workers), only))
     if structure:
         report.extend(_keep(check_structure(root, workers), only))
     return report
@@ -46,15 +50,3 @@ def verify_folder(root: str | os.PathLike, torrent: Torrent | None = None,
 
 def _keep(findings: list[Finding], only: set[str] | None) -> list[Finding]:
     return findings if only is None else [f for f in findings if f.path in only]
-
-
-def _published(root: Path, path: str, algo: str, digest: str) -> list[Finding]:
-    from verify.hashing import hash_file
-
-    target = root / path
-    if not target.is_file():
-        return [Finding("checksum", path, False, "missing")]
-    got = hash_file(target, algo)
-    ok = got == digest
-    return [Finding("checksum", path, ok, f"{algo} ok (published)" if ok else
-                    f"{algo} mismatch: expected {digest} (published), got {got}")]

@@ -10,6 +10,7 @@ class Finding:
     path: str  # relative to the verified folder
     ok: bool
     detail: str = ""
+    refused: bool = False  # the file breaks its format's rules or is unsafe: bad input, not wrong data
 
 
 @dataclass
@@ -17,17 +18,19 @@ class Report:
     root: str
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, check: str, path: str, ok: bool, detail: str = "") -> Finding:
-        f = Finding(check, path, ok, detail)
-        self.findings.append(f)
-        return f
-
     def extend(self, findings) -> None:
         self.findings.extend(findings)
 
     @property
     def ok(self) -> bool:
         return all(f.ok for f in self.findings)
+
+    @property
+    def exit_code(self) -> int:
+        """0 all passed, 1 some data is wrong, 2 some input was refused (unsafe or not in its format)."""
+        if any(f.refused for f in self.failures):
+            return 2
+        return 0 if self.ok else 1
 
     @property
     def failures(self) -> list[Finding]:
@@ -42,5 +45,5 @@ class Report:
         return out
 
     def to_json(self) -> dict:
-        return {"root": self.root, "ok": self.ok, "summary": self.summary(),
+        return {"root": self.root, "ok": self.ok, "exit_code": self.exit_code, "summary": self.summary(),
                 "findings": [asdict(f) for f in self.findings]}

@@ -16,7 +16,7 @@ from typing import BinaryIO, Callable
 import torch
 
 from runner.config import ModelArgs
-from weightswarm.errors import FormatError
+from weightswarm.errors import FormatError, VerificationError, WeightswarmError
 
 from .hashing import CHUNK
 from .report import Finding
@@ -104,7 +104,7 @@ def _zip_members(path: Path, f: BinaryIO) -> list[zipfile.ZipInfo]:
 
 
 def _first_bad_member(path: Path, opener: Callable[[], BinaryIO],
-                      members: list[zipfile.ZipInfo]) -> tuple[int, FormatError] | None:
+                      members: list[zipfile.ZipInfo]) -> tuple[int, WeightswarmError] | None:
     with opener() as f:
         zf = zipfile.ZipFile(f)
         for m in sorted(members, key=lambda m: m.header_offset):  # sequential reads within a thread
@@ -113,8 +113,9 @@ def _first_bad_member(path: Path, opener: Callable[[], BinaryIO],
                     while src.read(CHUNK):
                         pass
             except zipfile.BadZipFile as e:
-                problem = f"bad CRC-32 in member {m.filename}" if "CRC" in str(e) else f"member {m.filename}: {e}"
-                return m.header_offset, FormatError(path, problem)
+                if "CRC" in str(e):  # the format is fine, the bytes are wrong
+                    return m.header_offset, VerificationError(path, f"bad CRC-32 in member {m.filename}")
+                return m.header_offset, FormatError(path, f"member {m.filename}: {e}")
             except (EOFError, OSError, ValueError) as e:  # truncated or unreadable
                 return m.header_offset, FormatError(path, f"member {m.filename}: {e}")
     return None
@@ -241,20 +242,23 @@ def _weight_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     return dict(sorted(weights.items())), params
 
 
-def _check_weight(path: Path, workers: int) -> tuple[bool, str, TensorInfo | None]:
-    """(ok, detail, tensors or None when the file is broken)."""
+def _check_weight(path: Path, rel: str, workers: int) -> tuple[Finding, TensorInfo | None]:
+    """The file's Finding, and its tensors (None when it is broken). A file that breaks its format
+    or is unsafe is refused (bad input); one whose bytes fail a CRC is wrong data."""
     try:
         parts = [] if path.is_file() else split_parts(path)
         suffix = f" ({len(parts)} split parts)" if parts else ""
         if path.name.endswith(".safetensors"):
             tensors = safetensors_tensors(path)
-            return True, f"header ok, {len(tensors)} tensors{suffix}", tensors
+            return Finding("structure", rel, True, f"header ok, {len(tensors)} tensors{suffix}"), tensors
         tensors = pth_tensors(path, workers)
-        return True, f"zip CRCs ok, {len(tensors)} tensors{suffix}", tensors
+        return Finding("structure", rel, True, f"zip CRCs ok, {len(tensors)} tensors{suffix}"), tensors
     except FormatError as e:
-        return False, e.problem, None
+        return Finding("structure", rel, False, e.problem, refused=True), None
+    except VerificationError as e:
+        return Finding("structure", rel, False, e.problem), None
     except OSError as e:
-        return False, f"unreadable: {e.strerror or e}", None
+        return Finding("structure", rel, False, f"unreadable: {e.strerror or e}"), None
 
 
 def check_structure(root: str | os.PathLike, workers: int = 2) -> list[Finding]:
@@ -267,8 +271,8 @@ def check_structure(root: str | os.PathLike, workers: int = 2) -> list[Finding]:
     weights, params = _weight_files(root)
     findings, tensors_of = [], {}
     for rel, path in weights.items():
-        ok, detail, tensors_of[rel] = _check_weight(path, workers)
-        findings.append(Finding("structure", rel, ok, detail))
+        finding, tensors_of[rel] = _check_weight(path, rel, workers)
+        findings.append(finding)
     for rel in params:
         findings.append(_check_params(root, rel, weights, tensors_of))
     return findings
@@ -278,11 +282,16 @@ def _check_params(root: Path, rel: str, weights: dict[str, Path], tensors_of: di
     folder = Path(rel).parent
     ckpt = next((c for c in ((folder / n).as_posix() for n in CHECKPOINTS) if c in weights), None)
     if ckpt is None:
-        return Finding("params", rel, False, f"no {' or '.join(CHECKPOINTS)} beside it to compare with")
+        try:
+            ModelArgs.load(root / rel)
+        except FormatError as e:
+            return Finding("params", rel, False, e.problem, refused=True)
+        # A partial fetch (say, only params.json) is not wrong: there is just nothing to compare with.
+        return Finding("params", rel, True, f"valid; no {' or '.join(CHECKPOINTS)} beside it to compare with")
     try:
         args = ModelArgs.load(root / rel)
     except FormatError as e:
-        return Finding("params", rel, False, e.problem)
+        return Finding("params", rel, False, e.problem, refused=True)
     tensors = tensors_of[ckpt]
     if tensors is None:
         return Finding("params", rel, False, f"cannot compare: {Path(ckpt).name} failed its structure check")

@@ -217,8 +217,17 @@ def fetch(source: str, output: Path, only, peer, web_seed, listen: str, no_dht: 
                 fetcher.seed()
     finally:
         rep.close()
-    if report is not None and not report.ok:
-        raise VerificationError(result.root, f"{len(report.failures)} check(s) failed")
+    if report is not None:
+        _exit_for(report)
+
+
+def _exit_for(report) -> None:
+    """Exit 2 naming the first refused file (unsafe or malformed), 1 if data is wrong, else return."""
+    refused = next((f for f in report.failures if f.refused), None)
+    if refused:
+        raise InputError(Path(report.root) / refused.path, refused.detail)
+    if not report.ok:
+        sys.exit(VerificationError.exit_code)
 
 
 def _show(rep: Reporter, report, as_json: bool) -> None:
@@ -252,8 +261,7 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_str
     report = verify_folder(folder, torrent, list(checksum_files) or None, algo=algo,
                            structure=not no_structure, workers=workers, progress=bar)
     _show(rep, report, as_json)
-    if not report.ok:
-        sys.exit(VerificationError.exit_code)
+    _exit_for(report)
 
 
 @main.command()
