@@ -8,7 +8,7 @@ from pathlib import Path
 import libtorrent as lt
 
 from distrib.catalog import BY_HASH, RELEASES, Release, lookup
-from distrib.torrentfile import Torrent, load_torrent
+from distrib.torrentfile import Torrent, load_torrent, lt_message
 from weightswarm.errors import InputError, TorrentError
 
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
@@ -57,7 +57,7 @@ def _magnet(uri: str, text: str, release: Release | None) -> Source:
     try:
         atp = lt.parse_magnet_uri(uri)
     except RuntimeError as e:
-        raise TorrentError(text, f"malformed magnet URI: {e}") from None
+        raise TorrentError(text, f"malformed magnet URI: {lt_message(e)}") from None
     ih = atp.info_hashes
     if not (ih.has_v1() or ih.has_v2()):
         raise TorrentError(text, "malformed magnet URI: no info-hash (xt=urn:btih:... or urn:btmh:...)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,8 +80,13 @@ def parse_torrent(data: bytes, source: str | os.PathLike) -> Torrent:
     try:
         info = lt.torrent_info(data)
     except RuntimeError as e:
-        raise TorrentError(source, f"not a valid torrent file: {e}") from None
+        raise TorrentError(source, f"not a valid torrent file: {lt_message(e)}") from None
     return Torrent(info, raw, source)
+
+
+def lt_message(e: Exception) -> str:
+    """libtorrent's error text without its ``[libtorrent:39]`` category suffix."""
+    return re.sub(r"\s*\[[a-z_]+:\d+\]$", "", str(e))
 
 
 def load_torrent(path: str | os.PathLike) -> Torrent:

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-import torch
 
 from runner.config import ModelArgs
 from weightswarm.errors import FormatError, VerificationError, WeightswarmError
@@ -28,10 +27,9 @@ ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "
             "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 # torch dtypes under their safetensors names, so both formats report the same vocabulary.
-_TORCH_DTYPE = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-                torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-                torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-                torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_TORCH_DTYPE = {"bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+                "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32",
+                "uint32": "U32", "float32": "F32", "float64": "F64", "int64": "I64", "uint64": "U64"}
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 # The checkpoint params.json describes, first match wins.
 CHECKPOINTS = ("consolidated.00.pth", "consolidated.safetensors")
@@ -48,6 +46,8 @@ def pth_tensors(path: str | os.PathLike, workers: int = 2) -> TensorInfo:
     Unpickles with weights_only onto the meta device, so no tensor data is read and a pickle that
     would call anything but tensor rebuilders is refused. Raises FormatError.
     """
+    import torch  # two seconds of start-up that only .pth files need
+
     path = Path(path)
     opener = _opener(path)
     _check_crcs(path, opener, workers)
@@ -64,7 +64,8 @@ def pth_tensors(path: str | os.PathLike, workers: int = 2) -> TensorInfo:
     for name, t in obj.items():
         if not isinstance(name, str) or not isinstance(t, torch.Tensor):
             raise FormatError(path, f"{name!r}: expected a str key and a tensor, got {type(t).__name__}")
-        out[name] = (_TORCH_DTYPE.get(t.dtype, str(t.dtype).removeprefix("torch.")), tuple(t.shape))
+        dtype = str(t.dtype).removeprefix("torch.")
+        out[name] = (_TORCH_DTYPE.get(dtype, dtype), tuple(t.shape))
     return out
 
 
