@@ -260,7 +260,11 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_str
     bar = rep.bar("verifying", torrent.info.total_size()) if torrent else None
     report = verify_folder(folder, torrent, list(checksum_files) or None, algo=algo,
                            structure=not no_structure, workers=workers, progress=bar)
-    _show(rep, report, as_json)
+    rep.close()
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        print_report(report)
     _exit_for(report)
 
 
@@ -286,3 +290,28 @@ def join(target: Path, output: Path | None, md5: str | None) -> None:
     digest = join_parts(parts, output or target, expected)
     checked = f", {expected[0]} {digest} ok" if expected else " (no checksum to check)"
     click.echo(f"wrote {output or target} from {len(parts)} parts{checked}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("weightswarm-demo"), show_default=True)
+@click.option("--leechers", default=3, show_default=True, help="Fetch processes in the swarm.")
+@click.option("--preset", default="small", show_default=True, help="Size of the synthetic release (see synth).")
+@click.option("--keep", is_flag=True, help="Keep the work folder afterwards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@handle_errors
+def demo(workdir: Path, leechers: int, preset: str, keep: bool, as_json: bool) -> None:
+    """Run the whole job on a local swarm: synth, torrent, seed, N fetches, verify."""
+    import shutil
+
+    from weightswarm.demo import print_summary, run_demo
+
+    existed = workdir.exists()
+    show = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    try:
+        stages = run_demo(workdir, leechers=leechers, preset=preset, show=show)
+    finally:
+        if not keep and not existed:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print_summary(stages, as_json)
+    if not all(s.ok for s in stages):
+        sys.exit(1)

@@ -1,0 +1,27 @@
+"""The README's first command, end to end on a small release."""
+from __future__ import annotations
+
+import json
+
+from conftest import run_ws
+
+
+def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):
+    work = tmp_path / "demo"
+    r = run_ws("demo", "--workdir", work, "--leechers", "2", "--preset", "tiny", "--json", "--keep", timeout=240)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["ok"]
+    assert [s["name"] for s in summary["stages"]] == ["synth release", "create torrent", "seed", "fetch x2 + verify"]
+    assert all(s["ok"] for s in summary["stages"])
+    for node in ("node1", "node2"):
+        got = work / node / "mixtral-demo" / "consolidated.00.pth"
+        assert got.read_bytes() == (work / "release" / "mixtral-demo" / "consolidated.00.pth").read_bytes()
+
+
+def test_demo_cleans_up_without_keep(tmp_path):
+    work = tmp_path / "demo"
+    r = run_ws("demo", "--workdir", work, "--leechers", "1", "--preset", "tiny", timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert "demo: PASS" in r.stdout
+    assert not work.exists()

@@ -1,0 +1,57 @@
+"""Our fetch against an independent BitTorrent implementation (aria2c) seeding a v1 torrent."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import LOOPBACK, run_ws, tree_bytes
+
+pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed (apt-get install aria2)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        try:
+            proc.wait(timeout=0.1)
+            raise AssertionError(f"{proc.args[0]} exited: {proc.stderr.read()}")
+        except subprocess.TimeoutExpired:
+            pass
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_fetch_from_aria2c(tiny_release, tmp_path):
+    torrent = tmp_path / "v1.torrent"
+    assert run_ws("create", tiny_release, "-o", torrent, "--format", "v1").returncode == 0
+    # aria2c writes control files beside the data: it seeds a copy.
+    seed_dir = tmp_path / "aria2"
+    shutil.copytree(tiny_release, seed_dir / tiny_release.name)
+    port = free_port()
+    aria = subprocess.Popen(
+        ["aria2c", f"--dir={seed_dir}", "--check-integrity=true", "--seed-ratio=0.0", f"--listen-port={port}",
+         "--interface=127.0.0.1", "--enable-dht=false", "--bt-enable-lpd=false", "--enable-peer-exchange=false",
+         "--console-log-level=warn", "--summary-interval=0", str(torrent)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_listening(aria, port)
+        r = run_ws("fetch", torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{port}", *LOOPBACK,
+                   "--timeout", "30")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "verified: OK" in r.stdout
+        assert tree_bytes(tmp_path / "out" / tiny_release.name) == tree_bytes(tiny_release)
+    finally:
+        aria.terminate()
+        aria.wait(timeout=10)
