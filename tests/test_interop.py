@@ -2,35 +2,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 
 import pytest
 
-from conftest import LOOPBACK, run_ws, tree_bytes
+from conftest import LOOPBACK, free_port, run_ws, tree_bytes, wait_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed (apt-get install aria2)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        try:
-            proc.wait(timeout=0.1)
-            raise AssertionError(f"{proc.args[0]} exited: {proc.stderr.read()}")
-        except subprocess.TimeoutExpired:
-            pass
-    raise AssertionError(f"nothing listens on {port}")
 
 
 def test_fetch_from_aria2c(tiny_release, tmp_path):

@@ -1,0 +1,79 @@
+"""fetch options against a real seeder: --only with pad files, web seeds, seed checks, the catalog."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import LOOPBACK, flip_byte, free_port, run_ws, seeder, tree_bytes, wait_listening
+
+
+def test_only_fetches_the_chosen_files_and_their_bytes(nodes, tiny_release, tiny_torrent, tmp_path):
+    from distrib.torrentfile import load_torrent
+
+    t = load_torrent(tiny_torrent)
+    assert any(f.pad for f in t.files())  # hybrid: pad files align each file to a piece
+    seed = seeder(nodes, tiny_release, tiny_torrent)
+    f = nodes("fetch", tiny_torrent, "-o", tmp_path, "--only", "params.json", "--only", "*.model",
+              "--peer", f"127.0.0.1:{seed.port}", *LOOPBACK, "--json", "--timeout", "30")
+    assert f.wait() == 0, f.stderr
+    got = tree_bytes(tmp_path / t.name)
+    assert sorted(got) == ["params.json", "tokenizer.model"]
+    assert got == {k: v for k, v in tree_bytes(tiny_release).items() if k in got}
+    wanted = sum(len(v) for v in got.values())
+    finished = next(e for e in f.events if e["event"] == "finished")
+    # Files start on piece boundaries, so nothing of the 1 MB checkpoint was downloaded.
+    assert wanted <= finished["downloaded"] < wanted + 2 * t.info.piece_length()
+    report = next(e for e in f.events if e["event"] == "verify")["report"]
+    assert report["ok"] and {x["path"] for x in report["findings"]} == {"params.json", "tokenizer.model"}
+
+
+def test_web_seed_only(tiny_release, tiny_torrent, tmp_path):
+    """A plain HTTP server in the BEP 19 layout (URL + name/path) is enough to complete."""
+    port = free_port()
+    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(tiny_release.parent)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_listening(http, port)
+        r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "out", "--web-seed", f"http://127.0.0.1:{port}/",
+                   *LOOPBACK, "--timeout", "30")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert tree_bytes(tmp_path / "out" / tiny_release.name) == tree_bytes(tiny_release)
+    finally:
+        http.terminate()
+        http.wait(timeout=10)
+
+
+def test_seed_refuses_data_that_does_not_match(release_copy, tiny_torrent):
+    flip_byte(release_copy / "consolidated.00.pth", 1000)
+    r = run_ws("seed", release_copy, "--torrent", tiny_torrent, *LOOPBACK)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"Error: {release_copy}: data does not match the torrent: 1 of ")
+
+
+def test_seed_assume_verified_serves_a_folder_of_another_name(nodes, tiny_release, tiny_torrent, tmp_path):
+    import shutil
+
+    other = tmp_path / "renamed"
+    shutil.copytree(tiny_release, other)
+    seed = seeder(nodes, other, tiny_torrent, "--assume-verified")
+    r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{seed.port}", *LOOPBACK,
+               "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert tree_bytes(tmp_path / "out" / tiny_release.name) == tree_bytes(tiny_release)
+
+
+def test_catalog_lists_the_known_releases():
+    r = run_ws("catalog", "--json")
+    assert r.returncode == 0
+    releases = {x["name"]: x for x in json.loads(r.stdout)}
+    assert set(releases) == {"mixtral-8x7b", "mixtral-8x22b", "mistral-7b-v0.1", "grok-1"}
+    m = releases["mixtral-8x7b"]
+    assert m["magnet"].startswith("magnet:?xt=urn:btih:5546272da9065eddeb6fcd7ffddeef5b75be79a7&dn=mixtral-8x7b-32kseqlen")
+    assert ["consolidated.00.pth", "1faa9bc9b20fcfe81fcd4eb7166a79e6"] in m["md5"]
+    from distrib.source import resolve
+
+    src = resolve("mixtral-8x7b")
+    assert src.key == "5546272da9065eddeb6fcd7ffddeef5b75be79a7" and src.release.name == "mixtral-8x7b"
+    assert resolve("5546272DA9065EDDEB6FCD7FFDDEEF5B75BE79A7".lower()).release.name == "mixtral-8x7b"
