@@ -137,3 +137,26 @@ def test_bad_options(tmp_path, tiny_release):
     r = run_ws("synth", tiny_release)
     assert r.returncode == 2 and "already exists and is not empty" in r.stderr
     assert listing(tmp_path) == []
+
+
+def test_magnet_whose_metadata_escapes_writes_nothing(tmp_path):
+    """A peer serves metadata with a `..` path: refused when it arrives, before any byte is downloaded."""
+    import hashlib
+
+    payload = b"x" * 5
+    info = {b"name": b"evil", b"piece length": 16384, b"pieces": hashlib.sha1(payload).digest(),
+            b"files": [{b"length": 5, b"path": [b"..", b"escape.txt"]}]}
+    ses = lt.session({"listen_interfaces": "127.0.0.1:0", "enable_dht": False, "enable_lsd": False,
+                      "enable_upnp": False, "enable_natpmp": False})
+    atp = lt.add_torrent_params()
+    atp.ti = lt.torrent_info(lt.bencode({b"info": info}))
+    atp.save_path = str(tmp_path / "peer")
+    ses.add_torrent(atp)
+    v1 = hashlib.sha1(lt.bencode(info)).hexdigest()
+    out = tmp_path / "out"
+    r = run_ws("fetch", f"magnet:?xt=urn:btih:{v1}", "-o", out, "--peer", f"127.0.0.1:{ses.listen_port()}",
+               *LOOPBACK, "--timeout", "30")
+    assert_refused(r, f"Error: magnet:?xt=urn:btih:{v1}: unsafe file path '../escape.txt': "
+                      "it could escape the download folder")
+    assert not (tmp_path / "escape.txt").exists()
+    assert [p for p in listing(out) if not p.startswith(".weightswarm")] == []
