@@ -244,11 +244,13 @@ def _show(rep: Reporter, report, as_json: bool) -> None:
 @click.option("--checksums", "checksum_files", multiple=True, type=click.Path(path_type=Path),
               help="md5sum/sha256sum/b3sum file (repeatable); default: RELEASE, *.md5, *SUMS in FOLDER.")
 @click.option("--algo", help="Hash algorithm of the checksum files when their name does not say.")
+@click.option("--no-checksums", is_flag=True, help="Skip checksum files (pieces and structure only).")
 @click.option("--no-structure", is_flag=True, help="Skip the structural checks of weight files.")
 @click.option("--workers", default=os.cpu_count() or 2, show_default=True, help="Threads for hashing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_structure, workers, as_json) -> None:
+def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_checksums, no_structure, workers,
+           as_json) -> None:
     """Verify FOLDER (a torrent's top folder): pieces, checksums, weight file structure."""
     from distrib.torrentfile import load_torrent
     from verify.folder import verify_folder
@@ -258,7 +260,9 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_str
     torrent = load_torrent(torrent_path) if torrent_path else None
     rep = Reporter(as_json)
     bar = rep.bar("verifying", torrent.info.total_size()) if torrent else None
-    report = verify_folder(folder, torrent, list(checksum_files) or None, algo=algo,
+    if no_checksums and checksum_files:
+        raise InputError("--no-checksums", "cannot be combined with --checksums")
+    report = verify_folder(folder, torrent, [] if no_checksums else (list(checksum_files) or None), algo=algo,
                            structure=not no_structure, workers=workers, progress=bar)
     rep.close()
     if as_json:
