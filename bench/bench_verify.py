@@ -137,8 +137,8 @@ def main() -> None:
         print(f"  {label}: {'(cd ' + str(cwd) + ') ' if cwd else ''}{' '.join(cmd)}")
 
     if not args.keep:
-        for name in ["rel-v1.torrent", "rel-hybrid.torrent", "t-v1.torrent", "t-hybrid.torrent", "B3SUMS",
-] + (["rel", "rel.preset"] if made else []):
+        made_here = ["rel", "rel.preset"] if made else []
+        for name in ["rel-v1.torrent", "rel-hybrid.torrent", "t-v1.torrent", "t-hybrid.torrent", "B3SUMS", *made_here]:
             p = work / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 

@@ -82,10 +82,6 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def listen_port(ses: lt.session) -> int:
-    return ses.listen_port()
-
-
 def add_peers(handle: lt.torrent_handle, peers: list[tuple[str, int]]) -> None:
     for host, port in peers:
         handle.connect_peer((host, port))
