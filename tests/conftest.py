@@ -1,21 +1,17 @@
 """Shared fixtures: a tiny synthetic release, its torrent, and real weightswarm processes on loopback."""
 from __future__ import annotations
 
-import json
-import os
-import queue
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-WS = [sys.executable, "-m", "weightswarm"]
+from weightswarm.procs import WS, WsProcess
+
 LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]
 
 
@@ -24,74 +20,13 @@ def run_ws(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(WS + [str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
-class Node:
-    """A weightswarm process started with --json; its events are read on a thread as they come."""
-
-    def __init__(self, *args, cwd=None):
-        self.args = [str(a) for a in args]
-        self.proc = subprocess.Popen(WS + self.args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-        self.events: list[dict] = []
-        self._q: queue.Queue = queue.Queue()
-        self._stderr: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=lambda: self._stderr.extend(self.proc.stderr), daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.events.append(ev)
-            self._q.put(ev)
-        self._q.put(None)
-
-    def wait_event(self, pred, timeout: float = 60) -> dict:
-        """The first event (from now on) for which pred(event) holds, before the deadline."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                ev = self._q.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            except queue.Empty:
-                continue
-            if ev is None:
-                raise AssertionError(f"{self.args[0]} exited ({self.proc.wait()}) first: {self.stderr}")
-            if pred(ev):
-                return ev
-        raise AssertionError(f"timed out waiting for an event from {self.args}: {self.events[-3:]}")
-
-    @property
-    def port(self) -> int:
-        ev = next((e for e in self.events if e["event"] in ("listening", "start")), None) or \
-            self.wait_event(lambda e: e["event"] in ("listening", "start"))
-        return ev.get("port") or ev["listen_port"]
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self._stderr)
-
-    def wait(self, timeout: float = 120) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture
 def nodes():
     """Start Nodes through this; every one is stopped at the end of the test, pass or fail."""
-    started: list[Node] = []
+    started: list[WsProcess] = []
 
-    def start(*args, cwd=None) -> Node:
-        n = Node(*args, cwd=cwd)
+    def start(*args, cwd=None) -> WsProcess:
+        n = WsProcess(*args, cwd=cwd)
         started.append(n)
         return n
 
@@ -126,7 +61,7 @@ def release_copy(tiny_release, tmp_path) -> Path:
     return dest
 
 
-def seeder(nodes, release: Path, torrent: Path, *extra) -> Node:
+def seeder(nodes, release: Path, torrent: Path, *extra) -> WsProcess:
     """A seed process on loopback, returned once its data is checked and it serves."""
     n = nodes("seed", release, "--torrent", torrent, *LOOPBACK, "--json", *extra)
     n.wait_event(lambda e: e["event"] == "ready")

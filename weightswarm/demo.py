@@ -7,19 +7,14 @@ process started here is stopped on the way out, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import json
-import queue
-import signal
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from weightswarm.errors import InputError, SwarmError, WeightswarmError
+from weightswarm.procs import WsProcess
 
-WS = [sys.executable, "-m", "weightswarm"]
 LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]
 
 
@@ -30,49 +25,6 @@ class Stage:
     bytes: int
     ok: bool
     detail: str = ""
-
-
-class _Proc:
-    """A weightswarm --json subprocess whose events arrive on a queue."""
-
-    def __init__(self, name: str, args: list[str], log: Path):
-        self.name = name
-        self.log = open(log, "w")
-        self.proc = subprocess.Popen(WS + args, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.events: queue.Queue = queue.Queue()
-        self.last: dict[str, dict] = {}  # newest event of each kind
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            self.last[ev["event"]] = ev
-            self.events.put(ev)
-
-    def wait_for(self, kind: str, deadline: float) -> dict:
-        while time.monotonic() < deadline:
-            if kind in self.last:
-                return self.last[kind]
-            if self.proc.poll() is not None and self.events.empty():
-                raise SwarmError(self.name, f"exited with status {self.proc.returncode} (see {self.log.name})")
-            try:
-                self.events.get(timeout=0.2)
-            except queue.Empty:
-                pass
-        raise SwarmError(self.name, f"no {kind} event before the deadline")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",
@@ -90,7 +42,7 @@ def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate:
     torrent = workdir / "mixtral-demo.torrent"
     deadline = time.monotonic() + timeout
     stages: list[Stage] = []
-    procs: list[_Proc] = []
+    procs: list[WsProcess] = []
 
     def make_release():
         if not (release / "RELEASE").exists():  # a rerun with the same --workdir reuses it
@@ -104,10 +56,10 @@ def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate:
         return torrent.stat().st_size, f"{t.info.num_pieces()} pieces, info-hash {t.info_hash}"
 
     def start_seed():
-        p = _Proc("seeder", ["seed", str(release), "--torrent", str(torrent), *LOOPBACK, "--json",
-                             "--max-upload-rate", seed_rate], workdir / "seeder.log")
+        p = WsProcess("seed", release, "--torrent", torrent, *LOOPBACK, "--json", "--max-upload-rate", seed_rate,
+                      name="seeder", stderr_path=workdir / "seeder.log")
         procs.append(p)
-        p.wait_for("ready", deadline)
+        p.wait_for("ready", deadline - time.monotonic())
         return 0, f"127.0.0.1:{p.last['listening']['port']}, upload limited to {seed_rate}/s"
 
     def swarm():
@@ -118,10 +70,10 @@ def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate:
             # Each node knows the seed and the nodes before it; connections go both ways once made.
             args = ["fetch", str(torrent), "-o", str(workdir / f"node{i + 1}"), *LOOPBACK, "--json",
                     "--seed-after", "1h"] + [a for p in peers for a in ("--peer", p)]
-            n = _Proc(f"node{i + 1}", args, workdir / f"node{i + 1}.log")
+            n = WsProcess(*args, name=f"node{i + 1}", stderr_path=workdir / f"node{i + 1}.log")
             procs.append(n)
             nodes.append(n)
-            peers.append(f"127.0.0.1:{n.wait_for('start', deadline)['listen_port']}")
+            peers.append(f"127.0.0.1:{n.port}")
         last_line = 0.0
         while not all("verify" in n.last for n in nodes):
             for n in nodes:
@@ -161,11 +113,11 @@ def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate:
     return stages
 
 
-def _sent(seed: _Proc) -> int:
+def _sent(seed: WsProcess) -> int:
     return seed.last.get("status", {}).get("uploaded", 0)
 
 
-def _node_line(n: _Proc) -> str:
+def _node_line(n: WsProcess) -> str:
     p = n.last.get("progress") or {}
     pct = 100 * p.get("done", 0) / p["wanted"] if p.get("wanted") else 0
     return f"{n.name} {pct:5.1f}% {p.get('peers', 0)}p"
