@@ -10,14 +10,16 @@ import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from distrib.torrentfile import FileEntry, Torrent
 from verify.paths import confined
 from verify.report import Finding
 
 BLOCK = 16 * 1024  # BEP 52 leaf size
 ZERO = bytes(32)
+
+if TYPE_CHECKING:  # verify needs no BitTorrent code at run time; distrib imports verify
+    from distrib.torrentfile import FileEntry, Torrent
 
 
 def merkle_root(leaves: list[bytes], width: int, pad: bytes = ZERO) -> bytes:
