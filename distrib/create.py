@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import libtorrent as lt
 
 from distrib.torrentfile import Torrent, parse_torrent
-from verify.atomic import atomic_write_bytes
+from weightswarm.atomic import atomic_write_bytes
 from weightswarm import __version__
 from weightswarm.errors import InputError
 

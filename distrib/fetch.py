@@ -7,8 +7,8 @@ that passes: nothing verified is downloaded twice, and nothing unverified is tru
 """
 from __future__ import annotations
 
+import fcntl
 import fnmatch
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,11 +19,12 @@ import libtorrent as lt
 from distrib.session import SessionOptions, Stop, add_peers, make_session, state_dir
 from distrib.source import Source
 from distrib.torrentfile import Torrent, check_info_paths, parse_torrent
-from verify.atomic import atomic_write_bytes
-from verify.report import Finding
+from weightswarm.atomic import atomic_write_bytes
+from verify.folder import verify_folder
+from verify.report import Finding, Report
 from weightswarm.errors import InputError, SwarmError
 
-Event = Callable[[dict], None]
+Event = Callable[[dict], None]  # receives one JSON-able event dict
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,32 @@ class FetchOptions:
     timeout: float = 0  # give up after this long without progress; 0 = never
 
 
-@dataclass
+@dataclass(frozen=True)
 class FetchResult:
-    torrent: Torrent
     root: Path  # OUTPUT/<name>
     selected: list[str]  # payload paths that were wanted
-    downloaded: int  # payload bytes received in this run
-    seconds: float
     pieces: list[Finding]  # per wanted file: complete, so every piece of it passed its hash on arrival
+
+
+def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bool = True) -> Report | None:
+    """The whole `fetch` job: download, check, then seed for --seed-after if everything passed.
+
+    Checks, in order: every wanted file complete (libtorrent hashed each piece on arrival), the
+    publisher's sums (the catalog's md5, and RELEASE / *.md5 / *SUMS in the payload), the structure of
+    the weight files. The report is emitted as a ``verify`` event and returned (None with verify=False).
+    """
+    with Fetcher(source, opts, emit) as fetcher:
+        result = fetcher.fetch()
+        report = None
+        if verify:
+            published = [(p, "md5", d) for p, d in source.release.md5] if source.release else []
+            report = verify_folder(result.root, published=published,
+                                   only=set(result.selected) if opts.only else None)
+            report.findings[:0] = result.pieces
+            emit({"event": "verify", "report": report.to_json()})
+        if opts.seed_after and (report is None or report.ok):
+            fetcher.seed()
+    return report
 
 
 def check_output(output: Path) -> None:
@@ -99,14 +118,23 @@ class Fetcher:
 
     def __enter__(self) -> "Fetcher":
         check_output(self.opts.output)
+        self.ses = make_session(self.opts.session)  # a bad --listen fails before anything is written
         self.opts.output.mkdir(exist_ok=True)
         self.state.mkdir(exist_ok=True)
-        self.ses = make_session(self.opts.session)
+        self._lock = open(self.state / f"{self.source.key}.lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise InputError(self.opts.output, "another fetch of this torrent is using this folder") from None
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._save_resume()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Resume data only after a clean stop: after a refused input it could carry that run's state.
+        if exc_type is None or issubclass(exc_type, (Stop, KeyboardInterrupt)):
+            self._save_resume()
         self.ses.pause()
+        self._lock.close()
 
     def fetch(self) -> FetchResult:
         ses, start = self.ses, time.monotonic()
@@ -134,11 +162,11 @@ class Fetcher:
                 what = "data" if self.torrent else "metadata"
                 raise SwarmError(self.source.text, f"no {what} received for {self.opts.timeout:g} s "
                                  f"({st.num_peers} peers)", hint="add peers with --peer HOST:PORT")
+        self._flush()
         seconds = time.monotonic() - start
         downloaded = h.status().total_payload_download
         self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3)})
-        return FetchResult(self.torrent, self.torrent.root(self.opts.output), self.selected, downloaded, seconds,
-                           self._piece_findings())
+        return FetchResult(self.torrent.root(self.opts.output), self.selected, self._piece_findings())
 
     def _piece_findings(self) -> list[Finding]:
         done = self.handle.file_progress(lt.torrent_handle.piece_granularity)
@@ -184,6 +212,7 @@ class Fetcher:
         if self.torrent:
             atp.ti = self.torrent.info
             atp.file_priorities = self._priorities()
+            atp.flags &= ~lt.torrent_flags.upload_mode
         else:
             # Download nothing until the metadata has been checked for unsafe paths.
             atp.flags |= lt.torrent_flags.upload_mode
@@ -201,8 +230,9 @@ class Fetcher:
         info = self.handle.torrent_file().info_section()
         check_info_paths(lt.bdecode(info), self.source.text)
         data = lt.bencode({b"info": lt.bdecode(info)})
-        self.torrent = parse_torrent(data, self.source.text)
-        self.selected = select_files(self.torrent, self.opts.only)
+        torrent = parse_torrent(data, self.source.text)
+        self.selected = select_files(torrent, self.opts.only)
+        self.torrent = torrent  # only now: a refused torrent must leave no state behind
         atomic_write_bytes(self.state / f"{self.source.key}.torrent", data)
         self.handle.prioritize_files(self._priorities())
         self.handle.unset_flags(lt.torrent_flags.upload_mode)
@@ -242,6 +272,15 @@ class Fetcher:
                 "upload_rate": st.upload_payload_rate, "peers": st.num_peers, "seeds": st.num_seeds,
                 "pieces": st.num_pieces, "pieces_total": self.torrent.info.num_pieces() if self.torrent else 0,
                 "downloaded": st.total_payload_download, "uploaded": st.all_time_upload}
+
+    def _flush(self, deadline: float = 30.0) -> None:
+        """Wait until libtorrent has handed every downloaded byte to the OS, so verification reads it."""
+        self.handle.flush_cache()
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            self.ses.wait_for_alert(200)
+            if any(isinstance(a, lt.cache_flushed_alert) for a in self.ses.pop_alerts()):
+                return
 
     def _save_resume(self, deadline: float = 10.0) -> None:
         """Write resume data for the next run; on any failure the next run simply re-checks."""

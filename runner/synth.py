@@ -16,7 +16,7 @@ import sentencepiece as spm
 import torch
 
 from runner.config import ModelArgs, MoeArgs
-from verify.atomic import atomic_write_bytes, commit, fsync_dir, temp_path
+from weightswarm.atomic import atomic_write_bytes, commit, fsync_dir, temp_path
 from weightswarm.errors import InputError
 
 CHECKPOINT = "consolidated.00.pth"

@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from weightswarm.errors import FormatError, InputError, VerificationError
 
-from .atomic import atomic_open
+from weightswarm.atomic import atomic_open
 from .hashing import copy_hashing, new_hasher
 
 _PART = re.compile(r"^(?P<base>.+)-split(?P<n>[0-9]+)$")

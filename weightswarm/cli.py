@@ -192,32 +192,21 @@ def seed(path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_verif
 def fetch(source: str, output: Path, only, peer, web_seed, listen: str, no_dht: bool, max_download_rate,
           max_upload_rate, seed_after, timeout: float, no_verify: bool, as_json: bool) -> None:
     """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
-    from distrib.fetch import FetchOptions, Fetcher, SeedAfter
+    from distrib.fetch import FetchOptions, SeedAfter, fetch_and_verify
     from distrib.source import resolve
-    from verify.folder import verify_folder
 
     opts = FetchOptions(output=output, only=tuple(only), peers=tuple(parse_endpoint(p, "peer") for p in peer),
                         web_seeds=tuple(web_seed), timeout=timeout,
                         session=session_options(listen, no_dht, up=max_upload_rate, down=max_download_rate),
                         seed_after=SeedAfter.parse(seed_after) if seed_after else None)
-    src = resolve(source)
     rep = Reporter(as_json)
     try:
-        with Fetcher(src, opts, rep) as fetcher:
-            result = fetcher.fetch()
-            report = None
-            if not no_verify:
-                published = [(p, "md5", d) for p, d in src.release.md5] if src.release else []
-                # libtorrent hashed every piece as it arrived; the checks below are the publisher's and ours.
-                only_set = set(result.selected) if opts.only else None
-                report = verify_folder(result.root, checksum_files=None, published=published, only=only_set)
-                report.findings[:0] = result.pieces
-                _show(rep, report, as_json)
-            if opts.seed_after and (report is None or report.ok):
-                fetcher.seed()
+        report = fetch_and_verify(resolve(source), opts, rep, verify=not no_verify)
     finally:
         rep.close()
     if report is not None:
+        if not as_json:
+            print_report(report)
         _exit_for(report)
 
 
@@ -228,14 +217,6 @@ def _exit_for(report) -> None:
         raise InputError(Path(report.root) / refused.path, refused.detail)
     if not report.ok:
         sys.exit(VerificationError.exit_code)
-
-
-def _show(rep: Reporter, report, as_json: bool) -> None:
-    if as_json:
-        rep({"event": "verify", "report": report.to_json()})
-    else:
-        rep.close()
-        print_report(report)
 
 
 @main.command()

@@ -26,7 +26,10 @@ def commit(f: BinaryIO, dest: str | os.PathLike) -> Path:
 def atomic_open(dest: str | os.PathLike) -> Iterator[BinaryIO]:
     """Open a temp file beside DEST; on success commit it to DEST, else delete it."""
     tmp = temp_path(dest)
-    f = open(tmp, "wb")
+    try:
+        f = open(tmp, "wb")
+    except OSError as e:  # name the file the user asked for, not our temp name
+        raise OSError(e.errno, e.strerror, os.fspath(dest)) from None
     try:
         yield f
         commit(f, dest)
