@@ -107,6 +107,8 @@ def write_torrent(path: str | os.PathLike, out: str | os.PathLike, opts: CreateO
     out = Path(out)
     if not out.parent.is_dir():
         raise InputError(out.parent, "output folder does not exist")
+    if out.is_dir():
+        raise InputError(out, "is a folder: give the name of the .torrent file to write")
     data = create_torrent(path, opts, progress)
     atomic_write_bytes(out, data)
     return parse_torrent(data, out)

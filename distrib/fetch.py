@@ -12,19 +12,17 @@ import fnmatch
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import libtorrent as lt
 
-from distrib.session import SessionOptions, Stop, add_peers, make_session, state_dir
+from distrib.session import Event, SessionOptions, add_peers, make_session, raise_on_error, state_dir
 from distrib.source import Source
 from distrib.torrentfile import Torrent, check_info_paths, parse_torrent
 from weightswarm.atomic import atomic_write_bytes
 from verify.folder import verify_folder
 from verify.report import Finding, Report
 from weightswarm.errors import InputError, SwarmError
-
-Event = Callable[[dict], None]  # receives one JSON-able event dict
+from weightswarm.interrupt import Stop
 
 
 @dataclass(frozen=True)
@@ -185,7 +183,8 @@ class Fetcher:
         try:
             while True:
                 self.ses.wait_for_alert(500)
-                self.ses.pop_alerts()
+                for a in self.ses.pop_alerts():
+                    raise_on_error(a, self.opts.output)
                 st = self.handle.status()
                 self.emit(self._progress(st) | {"event": "seeding"})
                 if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
@@ -246,6 +245,7 @@ class Fetcher:
 
     def _on_alert(self, a) -> bool:
         """Handle one alert; True when the wanted files are complete."""
+        raise_on_error(a, self.opts.output)
         if isinstance(a, lt.metadata_received_alert):
             self._on_metadata_received()
         elif isinstance(a, lt.torrent_checked_alert):
@@ -254,8 +254,6 @@ class Fetcher:
             self._connect()
         elif isinstance(a, lt.torrent_finished_alert):
             return self.torrent is not None
-        elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
-            raise SwarmError(self.opts.output, f"disk or torrent error: {a.message()}")
         elif isinstance(a, lt.hash_failed_alert):
             self.emit({"event": "hash_failed", "piece": int(a.piece_index)})
         return False

@@ -5,15 +5,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import libtorrent as lt
 
-from distrib.session import SessionOptions, Stop, make_session
+from distrib.session import Event, SessionOptions, make_session, raise_on_error
 from distrib.torrentfile import Torrent
-from weightswarm.errors import InputError, SwarmError, VerificationError
+from weightswarm.errors import InputError, VerificationError
+from weightswarm.interrupt import Stop
 
-Event = Callable[[dict], None]
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,8 @@ def _params(torrent: Torrent, path: Path, assume_verified: bool) -> lt.add_torre
     atp.ti = ti
     atp.save_path = str(path.resolve().parent)
     atp.flags &= ~(lt.torrent_flags.auto_managed | lt.torrent_flags.paused)
+    # A seeder never downloads: missing pieces are an error, not something to fetch into the user's folder.
+    atp.flags |= lt.torrent_flags.upload_mode
     if assume_verified:
         # Pieces are then hashed lazily, the first time each one is uploaded.
         atp.flags |= lt.torrent_flags.seed_mode
@@ -57,8 +58,7 @@ def seed(torrent: Torrent, path: str | os.PathLike, opts: SeedOptions, emit: Eve
         while True:
             ses.wait_for_alert(250)
             for a in ses.pop_alerts():
-                if isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
-                    raise SwarmError(path, f"disk or torrent error: {a.message()}")
+                raise_on_error(a, path)
             if time.monotonic() - last >= opts.report_every:
                 last = time.monotonic()
                 st = h.status()
@@ -76,10 +76,8 @@ def _wait_checked(ses: lt.session, h: lt.torrent_handle, torrent: Torrent, path:
     while not checked:
         ses.wait_for_alert(200)
         for a in ses.pop_alerts():
-            if isinstance(a, lt.torrent_checked_alert):
-                checked = True
-            elif isinstance(a, (lt.torrent_error_alert, lt.file_error_alert)):
-                raise SwarmError(path, f"cannot read the data: {a.message()}")
+            raise_on_error(a, path)
+            checked |= isinstance(a, lt.torrent_checked_alert)
         if time.monotonic() - last >= 0.5 and not checked:
             last = time.monotonic()
             emit({"event": "checking", "progress": round(h.status().progress, 4)})

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import signal
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import libtorrent as lt
 
 from weightswarm import __version__
-from weightswarm.errors import InputError
+from weightswarm.errors import InputError, SwarmError
+
+Event = Callable[[dict], None]  # receives one JSON-able event dict of a running command
 
 ALERTS = (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
           | lt.alert_category.file_progress | lt.alert_category.connect)
@@ -49,6 +52,8 @@ def make_session(opts: SessionOptions) -> lt.session:
         # Dialling uTP first made loopback and LAN transfers crawl (6-14 MB/s); incoming uTP is still served.
         "enable_outgoing_utp": False,
         "tick_interval": 100,
+        # On exit, tell trackers we left (so they stop handing us out) but never hang on a dead one.
+        "stop_tracker_timeout": 2,
         # Several of our own nodes on one host share an IP; needed for trackers on loopback.
         "allow_multiple_connections_per_ip": True,
         "upload_rate_limit": opts.upload_rate,
@@ -61,9 +66,29 @@ def make_session(opts: SessionOptions) -> lt.session:
         ses = lt.session(settings)
     except RuntimeError as e:
         raise InputError(opts.listen, f"cannot start a session: {e}") from None
+    _check_listening(ses, opts.listen)
     if opts.upload_rate or opts.download_rate:
         _limit_local_peers(ses)
     return ses
+
+
+def _check_listening(ses: lt.session, listen: str, deadline: float = 5.0) -> None:
+    """A session that could not bind would run on, silently serving nobody: refuse it instead."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        ses.wait_for_alert(100)
+        for a in ses.pop_alerts():
+            if isinstance(a, lt.listen_succeeded_alert):
+                return
+            if isinstance(a, lt.listen_failed_alert):
+                raise InputError(listen, f"cannot listen: {a.message()}")
+    raise InputError(listen, "cannot listen: no socket was opened")
+
+
+def raise_on_error(alert, path: str | os.PathLike) -> None:
+    """Torrent and file errors end a command: the data or the disk needs a person."""
+    if isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
+        raise SwarmError(path, f"disk or torrent error: {alert.message()}")
 
 
 def _limit_local_peers(ses: lt.session) -> None:
@@ -85,18 +110,6 @@ def _is_loopback(host: str) -> bool:
 def add_peers(handle: lt.torrent_handle, peers: list[tuple[str, int]]) -> None:
     for host, port in peers:
         handle.connect_peer((host, port))
-
-
-class Stop(Exception):
-    """Raised in the main thread by SIGINT/SIGTERM so loops can save state and leave cleanly."""
-
-
-def install_stop_signals() -> None:
-    def handler(signum, frame):
-        raise Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
 
 
 def state_dir(output: str | os.PathLike) -> str:

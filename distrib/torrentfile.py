@@ -104,25 +104,39 @@ def load_torrent(path: str | os.PathLike) -> Torrent:
 
 
 def check_info_paths(info: dict, source: str) -> None:
-    """Refuse names and paths that could escape the download folder, before libtorrent sanitises them."""
+    """Refuse names, paths and symlinks that could escape the download folder, before libtorrent sees them.
+
+    Both the plain and the ``.utf-8`` spelling of a name are checked: clients differ in which they use.
+    """
 
     def text(b) -> str:
         if not isinstance(b, bytes):
             raise TorrentError(source, "not a valid torrent file (a path element is not a string)")
         return b.decode("utf-8", "replace")
 
-    name = info.get(b"name.utf-8", info.get(b"name"))
-    if name is not None:
-        check_components([text(name)], source)
-    for f in info.get(b"files", []) if isinstance(info.get(b"files"), list) else []:
-        if isinstance(f, dict):
-            path = f.get(b"path.utf-8", f.get(b"path"))
-            if isinstance(path, list):
-                check_components([text(p) for p in path], source)
+    def check_entry(entry: dict, parts: list[str]) -> None:
+        if b"l" in (entry.get(b"attr") or b"") or b"symlink path" in entry:
+            raise TorrentError(source, f"symlink {'/'.join(parts)!r} in the torrent: links could point anywhere")
+
+    for key in (b"name", b"name.utf-8"):
+        if key in info:
+            check_components([text(info[key])], source)
+    files = info.get(b"files")
+    for f in files if isinstance(files, list) else []:
+        if not isinstance(f, dict):
+            continue
+        for key in (b"path", b"path.utf-8"):
+            if key in f:
+                if not isinstance(f[key], list):
+                    raise TorrentError(source, "not a valid torrent file (a file path is not a list)")
+                check_components([text(p) for p in f[key]], source)
+        check_entry(f, [text(p) for p in f.get(b"path", [])] if isinstance(f.get(b"path"), list) else [])
 
     def walk(tree: dict, prefix: list[str]) -> None:
         for k, v in tree.items():
             if k == b"":
+                if isinstance(v, dict):
+                    check_entry(v, prefix)
                 continue
             parts = prefix + [text(k)]
             check_components(parts, source)

@@ -64,6 +64,18 @@ def _escaping_torrent(path, files=None, tree=None):
     return path
 
 
+def test_torrent_paths_hidden_behind_a_second_spelling_or_a_symlink(tmp_path):
+    both = _escaping_torrent(tmp_path / "utf8.torrent", files=[
+        {b"length": 5, b"path": [b"ok.txt"], b"path.utf-8": [b"..", b"x.txt"]}])
+    r = fetch(both, tmp_path / "out")
+    assert_refused(r, f"Error: {both}: unsafe file path '../x.txt': it could escape the download folder")
+    link = _escaping_torrent(tmp_path / "link.torrent", files=[
+        {b"length": 0, b"path": [b"l"], b"attr": b"l", b"symlink path": [b"..", b"..", b"etc"]}])
+    r = fetch(link, tmp_path / "out")
+    assert_refused(r, f"Error: {link}: symlink 'l' in the torrent: links could point anywhere")
+    assert listing(tmp_path) == ["link.torrent", "utf8.torrent"]
+
+
 def test_torrent_whose_paths_escape(tmp_path):
     v1 = _escaping_torrent(tmp_path / "v1.torrent", files=[{b"length": 5, b"path": [b"..", b"escape.txt"]}])
     v2 = _escaping_torrent(tmp_path / "v2.torrent",

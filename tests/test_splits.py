@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from verify.splits import SplitReader, join, open_logical, split_groups, split_parts
+from verify.splits import SplitReader, join, open_logical, split_parts
 from weightswarm.errors import FormatError, InputError, VerificationError
 
 
@@ -14,33 +14,24 @@ def write_parts(folder, base, chunks):
     return [folder / f"{base}-split{i}" for i in range(len(chunks))]
 
 
-def test_groups_are_in_numeric_order(tmp_path):
+def test_parts_are_in_numeric_order(tmp_path):
     chunks = [bytes([i]) * (i + 1) for i in range(12)]
     parts = write_parts(tmp_path, "consolidated.00.pth", chunks)
-    (tmp_path / "sub").mkdir()
-    sub = write_parts(tmp_path / "sub", "x.bin", [b"a", b"b"])
-    groups = split_groups(tmp_path)
-    assert list(groups) == ["consolidated.00.pth", "sub/x.bin"]
-    assert groups["consolidated.00.pth"] == parts  # split10 after split9, not after split1
-    assert [p.name[-7:] for p in groups["consolidated.00.pth"]][9:] == ["-split9", "split10", "split11"]
-    assert groups["sub/x.bin"] == sub
+    write_parts(tmp_path, "x.bin", [b"a", b"b"])
+    assert split_parts(tmp_path / "consolidated.00.pth") == parts  # split10 after split9, not after split1
+    assert [p.name[-7:] for p in parts][9:] == ["-split9", "split10", "split11"]
+    assert split_parts(tmp_path / "nothing.pth") == []
 
 
-def test_hidden_folders_are_skipped(tmp_path):
-    (tmp_path / ".weightswarm").mkdir()
-    write_parts(tmp_path / ".weightswarm", "x.pth", [b"a"])
-    assert split_groups(tmp_path) == {}
-
-
-def test_gap_names_the_missing_part(tmp_path):
+def test_gap_names_the_missing_part_and_spares_other_groups(tmp_path):
     write_parts(tmp_path, "m.pth", [b"a", b"b", b"c", b"d"])
     (tmp_path / "m.pth-split2").unlink()
+    good = write_parts(tmp_path, "consolidated.00.pth", [b"x", b"y"])
     with pytest.raises(FormatError) as e:
-        split_groups(tmp_path)
+        split_parts(tmp_path / "m.pth")
     assert e.value.problem == "missing split part m.pth-split2"
     assert e.value.path == str(tmp_path / "m.pth")
-    with pytest.raises(FormatError, match="missing split part m.pth-split2"):
-        split_parts(tmp_path / "m.pth")
+    assert split_parts(tmp_path / "consolidated.00.pth") == good
 
 
 def test_missing_first_part(tmp_path):

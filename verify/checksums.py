@@ -110,6 +110,8 @@ def _unescape(path: Path, n: int, name: str) -> str:
 
 def _safe_name(path: Path, n: int, name: str) -> str:
     """The name as a clean relative path; InputError if it would reach outside the folder."""
+    if "\0" in name:
+        raise InputError(path, f"line {n}: unsafe name {name!r}: NUL byte")
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         raise InputError(path, f"line {n}: unsafe name {name!r}: absolute path")
     parts = [p for p in PurePosixPath(name).parts if p != "."]

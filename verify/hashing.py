@@ -7,6 +7,8 @@ from typing import BinaryIO
 
 import blake3
 
+from weightswarm import interrupt
+
 # Hex digits of each supported digest; also the order in which a digest's length picks its algorithm.
 DIGEST_HEX_LEN = {"md5": 32, "sha1": 40, "sha256": 64, "sha512": 128, "blake3": 64}
 
@@ -31,6 +33,7 @@ def copy_hashing(src: BinaryIO, hasher=None, dest: BinaryIO | None = None) -> in
     view = memoryview(buf)
     total = 0
     while True:
+        interrupt.check()
         n = src.readinto(view)
         if not n:
             return total

@@ -8,11 +8,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from verify.paths import confined
+from weightswarm import interrupt
 from verify.report import Finding
 
 BLOCK = 16 * 1024  # BEP 52 leaf size
@@ -35,25 +37,28 @@ def _pow2(n: int) -> int:
 
 
 class _Payload:
-    """The v1 byte stream of a torrent (files and pad files end to end), read by piece."""
+    """The v1 byte stream of a torrent (files and pad files end to end), read by piece.
+
+    Each thread keeps at most one file open (its pieces are contiguous, so mostly the same file).
+    """
 
     def __init__(self, root: Path, torrent: Torrent):
         self.plen = torrent.info.piece_length()
         self.files = torrent.files()
         self.offsets = [f.offset for f in self.files]
-        self.fds: dict[int, int] = {}
+        self.paths: dict[int, Path] = {}
         self.missing: set[int] = set()
+        self._open = threading.local()
         single = len(self.files) == 1 and root.is_file()
         for f in self.files:
-            if f.pad or f.size == 0:
+            if f.pad:
                 continue
             path = root if single else confined(root, f.path, torrent.source)
-            try:
-                if path.stat().st_size != f.size:
-                    self.missing.add(f.index)
-                self.fds[f.index] = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
+            # A folder, device or FIFO where a file belongs is as wrong as a missing file, and never opened.
+            if not path.is_file() or path.stat().st_size != f.size:
                 self.missing.add(f.index)
+            elif f.size:
+                self.paths[f.index] = path
 
     def spans(self, start: int, length: int) -> list[tuple[FileEntry, int, int]]:
         """(file, offset in file, length) covering ``length`` bytes from ``start``."""
@@ -75,19 +80,29 @@ class _Payload:
             if f.pad:
                 parts.append(bytes(n))
                 continue
-            fd = self.fds.get(f.index)
-            data = os.pread(fd, n, off) if fd is not None else b""
+            data = os.pread(self._fd(f.index), n, off) if f.index in self.paths else b""
             if len(data) != n:
                 return None
             parts.append(data)
         return b"".join(parts)
 
+    def _fd(self, index: int) -> int:
+        cur = getattr(self._open, "cur", None)
+        if cur and cur[0] == index:
+            return cur[1]
+        self.release()
+        self._open.cur = (index, os.open(self.paths[index], os.O_RDONLY))
+        return self._open.cur[1]
+
+    def release(self) -> None:
+        """Close this thread's open file, if any."""
+        cur = getattr(self._open, "cur", None)
+        if cur:
+            os.close(cur[1])
+            self._open.cur = None
+
     def covered(self, piece: int) -> list[str]:
         return [f.path for f, _, _ in self.spans(piece * self.plen, self.plen) if not f.pad]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
 
 
 def verify_pieces(root: str | os.PathLike, torrent: Torrent, workers: int = 2,
@@ -103,8 +118,15 @@ def verify_pieces(root: str | os.PathLike, torrent: Torrent, workers: int = 2,
     bad_v1: list[int] = []
 
     def work(lo: int, hi: int) -> tuple[list[int], dict[int, dict[int, bytes]]]:
+        try:
+            return hash_range(lo, hi)
+        finally:
+            payload.release()
+
+    def hash_range(lo: int, hi: int) -> tuple[list[int], dict[int, dict[int, bytes]]]:
         bad, layers = [], {}
         for i in range(lo, hi):
+            interrupt.check()
             spans = payload.spans(i * plen, min(plen, total - i * plen))
             data = payload.read(spans)
             if v1 and (data is None or hashlib.sha1(data).digest() != ti.hash_for_piece(i)):
@@ -119,15 +141,12 @@ def verify_pieces(root: str | os.PathLike, torrent: Torrent, workers: int = 2,
                 progress(min(plen, total - i * plen))
         return bad, layers
 
-    try:
-        step = max(1, min(64, npieces // (workers * 4) or 1))
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for bad, layers in pool.map(lambda lo: work(lo, min(lo + step, npieces)), range(0, npieces, step)):
-                bad_v1 += bad
-                for k, v in layers.items():
-                    v2_pieces.setdefault(k, {}).update(v)
-    finally:
-        payload.close()
+    step = max(1, min(64, npieces // (workers * 4) or 1))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for bad, layers in pool.map(lambda lo: work(lo, min(lo + step, npieces)), range(0, npieces, step)):
+            bad_v1 += bad
+            for k, v in layers.items():
+                v2_pieces.setdefault(k, {}).update(v)
 
     findings = []
     for f in torrent.payload_files():

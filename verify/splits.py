@@ -27,47 +27,27 @@ def split_base(name: str) -> str | None:
     return m["base"] if m else None
 
 
-def _groups_in(folder: Path) -> dict[str, list[Path]]:
-    """Split groups directly inside one folder: base name -> parts in numeric order."""
-    numbered: dict[str, dict[int, Path]] = {}
-    for entry in sorted(folder.iterdir()):
+def split_parts(path: str | os.PathLike) -> list[Path]:
+    """The parts ``path-split0..N`` of one logical file in numeric order ([] if there are none).
+
+    Raises FormatError for a gap or a doubled number in this group; other groups beside it do not matter.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    parts: dict[int, Path] = {}
+    for entry in sorted(path.parent.iterdir()):
         m = _PART.match(entry.name)
-        if not m or not entry.is_file():
+        if not m or m["base"] != path.name or not entry.is_file():
             continue
-        parts = numbered.setdefault(m["base"], {})
         n = int(m["n"])
         if n in parts:  # e.g. "-split1" and "-split01"
             raise FormatError(entry, f"split part number {n} also used by {parts[n].name}")
         parts[n] = entry
-    groups = {}
-    for base, parts in numbered.items():
-        for i in range(max(parts) + 1):
-            if i not in parts:
-                raise FormatError(folder / base, f"missing split part {base}-split{i}")
-        groups[base] = [parts[i] for i in range(len(parts))]
-    return groups
-
-
-def split_parts(path: str | os.PathLike) -> list[Path]:
-    """The parts ``path-split0..N`` of one logical file in numeric order ([] if there are none)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return _groups_in(path.parent).get(path.name, [])
-
-
-def split_groups(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """Every split group under root (hidden folders skipped): relative posix name -> parts in order.
-
-    Raises FormatError naming the first missing part of a group with a gap in its numbering.
-    """
-    root = Path(root)
-    groups: dict[str, list[Path]] = {}
-    for folder, dirs, _files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for base, parts in _groups_in(Path(folder)).items():
-            groups[(Path(folder) / base).relative_to(root).as_posix()] = parts
-    return dict(sorted(groups.items()))
+    for i in range(len(parts)):
+        if i not in parts:
+            raise FormatError(path, f"missing split part {path.name}-split{i}")
+    return [parts[i] for i in range(len(parts))]
 
 
 class SplitReader(io.RawIOBase):
@@ -174,3 +154,24 @@ def join(parts: list[str | os.PathLike], dest: str | os.PathLike,
         if dest.exists() or dest.is_symlink():  # appeared while we were copying
             raise InputError(dest, "already exists; refusing to overwrite")
     return hasher.hexdigest() if hasher is not None else None
+
+
+def join_split_file(target: str | os.PathLike, dest: str | os.PathLike | None = None,
+                    expected: tuple[str, str] | None = None) -> tuple[Path, list[Path], tuple[str, str] | None]:
+    """``weightswarm join``: TARGET's parts into DEST (default TARGET), checked against ``expected`` or,
+    without it, the sum a RELEASE file beside the parts gives for TARGET. Returns (dest, parts, expected)."""
+    from verify.checksums import parse_checksums  # checksums reads split files: imported here, not at the top
+
+    target = Path(target)
+    parts = split_parts(target)
+    if not parts:
+        raise InputError(target, "no split parts found (expected NAME-split0, NAME-split1, ...)")
+    release = target.parent / "RELEASE"
+    if expected is None and release.is_file():
+        match = [e for e in parse_checksums(release, lenient=True) if e.name == target.name]
+        expected = (match[0].algo, match[0].digest) if match else None
+    dest = Path(dest) if dest else target
+    if not dest.parent.is_dir():
+        raise InputError(dest.parent, "output folder does not exist")
+    join(parts, dest, expected)
+    return dest, parts, expected

@@ -15,7 +15,8 @@ from typing import BinaryIO, Callable
 
 
 from runner.config import ModelArgs
-from weightswarm.errors import FormatError, VerificationError, WeightswarmError
+from verify.paths import confined
+from weightswarm.errors import FormatError, InputError, VerificationError, WeightswarmError
 
 from .hashing import CHUNK
 from .report import Finding
@@ -56,8 +57,9 @@ def pth_tensors(path: str | os.PathLike, workers: int = 2) -> TensorInfo:
             obj = torch.load(f, map_location="meta", weights_only=True)
         except pickle.UnpicklingError as e:
             raise FormatError(path, f"unsafe pickle refused: {_weights_only_reason(e)}") from None
-        except (RuntimeError, ValueError, EOFError) as e:
-            raise FormatError(path, f"torch.load failed: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # whatever a malformed pickle makes torch raise, it is bad input
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise FormatError(path, f"torch.load failed: {first}") from None
     if not isinstance(obj, dict):
         raise FormatError(path, f"top-level object is a {type(obj).__name__}, expected a dict of tensors")
     out: TensorInfo = {}
@@ -117,7 +119,8 @@ def _first_bad_member(path: Path, opener: Callable[[], BinaryIO],
                 if "CRC" in str(e):  # the format is fine, the bytes are wrong
                     return m.header_offset, VerificationError(path, f"bad CRC-32 in member {m.filename}")
                 return m.header_offset, FormatError(path, f"member {m.filename}: {e}")
-            except (EOFError, OSError, ValueError) as e:  # truncated or unreadable
+            except (EOFError, OSError, ValueError, RuntimeError, NotImplementedError) as e:
+                # truncated, unreadable, encrypted or compressed in a way torch never writes
                 return m.header_offset, FormatError(path, f"member {m.filename}: {e}")
     return None
 
@@ -233,7 +236,8 @@ def _weight_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .weightswarm, .pad, ...
         here = Path(folder)
-        for name in sorted(f for f in files if not f.startswith(".")):  # also our temp files
+        # Hidden names are also our temp files; FIFOs and devices would block or never end.
+        for name in sorted(f for f in files if not f.startswith(".") and (here / f).is_file()):
             logical = split_base(name) or name
             rel = (here / logical).relative_to(root).as_posix()
             if logical.endswith(WEIGHT_SUFFIXES):
@@ -272,6 +276,12 @@ def check_structure(root: str | os.PathLike, workers: int = 2) -> list[Finding]:
     weights, params = _weight_files(root)
     findings, tensors_of = [], {}
     for rel, path in weights.items():
+        try:
+            confined(root, rel, rel)  # a symlink out of the folder is not ours to open
+        except InputError as e:
+            findings.append(Finding("structure", rel, False, e.problem, refused=True))
+            tensors_of[rel] = None
+            continue
         finding, tensors_of[rel] = _check_weight(path, rel, workers)
         findings.append(finding)
     for rel in params:

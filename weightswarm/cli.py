@@ -13,9 +13,10 @@ from pathlib import Path
 
 import click
 
-from distrib.session import SessionOptions, Stop, install_stop_signals, parse_endpoint
+from distrib.session import SessionOptions, parse_endpoint
 from weightswarm.console import Reporter, human, print_report
 from weightswarm.errors import InputError, VerificationError, WeightswarmError
+from weightswarm.interrupt import Stop, install_stop_signals
 
 BYTES_SUFFIX = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -25,7 +26,7 @@ def parse_bytes(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
         return int(float(t[:-1]) * BYTES_SUFFIX[t[-1]]) if t and t[-1] in BYTES_SUFFIX else int(t)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InputError(text, "not a byte count (e.g. 65536, 16k, 8m, 1g)") from None
 
 
@@ -227,7 +228,8 @@ def _exit_for(report) -> None:
 @click.option("--algo", help="Hash algorithm of the checksum files when their name does not say.")
 @click.option("--no-checksums", is_flag=True, help="Skip checksum files (pieces and structure only).")
 @click.option("--no-structure", is_flag=True, help="Skip the structural checks of weight files.")
-@click.option("--workers", default=os.cpu_count() or 2, show_default=True, help="Threads for hashing.")
+@click.option("--workers", type=click.IntRange(1), default=os.cpu_count() or 2, show_default=True,
+              help="Threads for hashing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_checksums, no_structure, workers,
@@ -260,21 +262,11 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_che
 @handle_errors
 def join(target: Path, output: Path | None, md5: str | None) -> None:
     """Reassemble TARGET from TARGET-split0..N, checking its checksum on the fly."""
-    from verify.checksums import parse_checksums
-    from verify.splits import join as join_parts
-    from verify.splits import split_parts
+    from verify.splits import join_split_file
 
-    parts = split_parts(target)
-    if not parts:
-        raise InputError(target, "no split parts found (expected NAME-split0, NAME-split1, ...)")
-    expected = ("md5", md5) if md5 else None
-    release = target.parent / "RELEASE"
-    if not expected and release.is_file():
-        match = [e for e in parse_checksums(release) if e.name == target.name]
-        expected = (match[0].algo, match[0].digest) if match else None
-    digest = join_parts(parts, output or target, expected)
-    checked = f", {expected[0]} {digest} ok" if expected else " (no checksum to check)"
-    click.echo(f"wrote {output or target} from {len(parts)} parts{checked}")
+    dest, parts, expected = join_split_file(target, output, ("md5", md5) if md5 else None)
+    checked = f", {expected[0]} {expected[1]} ok" if expected else " (no checksum to check)"
+    click.echo(f"wrote {dest} from {len(parts)} parts{checked}")
 
 
 @main.command()

@@ -22,8 +22,13 @@ class WsProcess:
         self.args = [str(a) for a in args]
         self.name = name or self.args[0]
         self._err_file = open(stderr_path, "w") if stderr_path else None
-        self.proc = subprocess.Popen(WS + self.args, cwd=cwd, stdout=subprocess.PIPE,
-                                     stderr=self._err_file or subprocess.PIPE, text=True)
+        try:
+            self.proc = subprocess.Popen(WS + self.args, cwd=cwd, stdout=subprocess.PIPE,
+                                         stderr=self._err_file or subprocess.PIPE, text=True)
+        except OSError:
+            if self._err_file:
+                self._err_file.close()
+            raise
         self.events: list[dict] = []
         self.last: dict[str, dict] = {}  # the newest event of each kind
         self._q: queue.Queue = queue.Queue()
@@ -37,6 +42,8 @@ class WsProcess:
             try:
                 ev = json.loads(line)
             except json.JSONDecodeError:
+                continue
+            if not isinstance(ev, dict) or "event" not in ev:
                 continue
             self.events.append(ev)
             self.last[ev["event"]] = ev
@@ -52,6 +59,7 @@ class WsProcess:
             except queue.Empty:
                 continue
             if ev is None:
+                self._q.put(None)  # every later wait must see the end too
                 raise SwarmError(self.name, f"exited with status {self.proc.wait()} first: {self.stderr[-2000:]}")
             if pred(ev):
                 return ev
