@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from weightswarm.procs import WS, WsProcess
+from weightswarm.procs import LOOPBACK, WS, WsProcess
 
-LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]
 
 
 def run_ws(*args, cwd=None, timeout=120) -> subprocess.CompletedProcess:

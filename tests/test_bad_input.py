@@ -166,8 +166,12 @@ def test_magnet_whose_metadata_escapes_writes_nothing(tmp_path):
     ses.add_torrent(atp)
     v1 = hashlib.sha1(lt.bencode(info)).hexdigest()
     out = tmp_path / "out"
-    r = run_ws("fetch", f"magnet:?xt=urn:btih:{v1}", "-o", out, "--peer", f"127.0.0.1:{ses.listen_port()}",
-               *LOOPBACK, "--timeout", "30")
+    try:
+        r = run_ws("fetch", f"magnet:?xt=urn:btih:{v1}", "-o", out, "--peer", f"127.0.0.1:{ses.listen_port()}",
+                   *LOOPBACK, "--timeout", "30")
+    finally:
+        ses.pause()
+        del ses
     assert_refused(r, f"Error: magnet:?xt=urn:btih:{v1}: unsafe file path '../escape.txt': "
                       "it could escape the download folder")
     assert not (tmp_path / "escape.txt").exists()

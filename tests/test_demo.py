@@ -8,7 +8,8 @@ from conftest import run_ws
 
 def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):
     work = tmp_path / "demo"
-    r = run_ws("demo", "--workdir", work, "--leechers", "2", "--preset", "tiny", "--json", "--keep", timeout=240)
+    r = run_ws("demo", "--workdir", work, "--leechers", "2", "--preset", "tiny", "--json", "--keep",
+               "--timeout", "120", timeout=240)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["ok"]
@@ -21,7 +22,7 @@ def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):
 
 def test_demo_cleans_up_without_keep(tmp_path):
     work = tmp_path / "demo"
-    r = run_ws("demo", "--workdir", work, "--leechers", "1", "--preset", "tiny", timeout=240)
+    r = run_ws("demo", "--workdir", work, "--leechers", "1", "--preset", "tiny", "--timeout", "120", timeout=240)
     assert r.returncode == 0, r.stderr
     assert "demo: PASS" in r.stdout
     assert not work.exists()

@@ -76,4 +76,43 @@ def test_catalog_lists_the_known_releases():
 
     src = resolve("mixtral-8x7b")
     assert src.key == "5546272da9065eddeb6fcd7ffddeef5b75be79a7" and src.release.name == "mixtral-8x7b"
-    assert resolve("5546272DA9065EDDEB6FCD7FFDDEEF5B75BE79A7".lower()).release.name == "mixtral-8x7b"
+    assert resolve("5546272DA9065EDDEB6FCD7FFDDEEF5B75BE79A7").release.name == "mixtral-8x7b"
+
+
+def test_publisher_md5_mismatch_after_download_exits_1(nodes, tiny_release, tmp_path):
+    import shutil
+
+    rel = tmp_path / "rel"
+    shutil.copytree(tiny_release, rel)
+    lines = (rel / "RELEASE").read_text().splitlines()
+    (rel / "RELEASE").write_text("\n".join([lines[0], "0" * 32 + "  tokenizer.model"]) + "\n")
+    torrent = tmp_path / "rel.torrent"
+    assert run_ws("create", rel, "-o", torrent).returncode == 0
+    seed = seeder(nodes, rel, torrent)
+    r = run_ws("fetch", torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{seed.port}", *LOOPBACK,
+               "--timeout", "30")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"FAIL checksum: tokenizer.model: md5 mismatch: expected {'0' * 32}, got " in r.stdout
+    assert "verified: FAILED" in r.stdout
+
+
+def test_timeout_without_peers_exits_2(tiny_torrent, tmp_path):
+    r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{free_port()}", *LOOPBACK,
+               "--timeout", "2")
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0] == f"Error: {tiny_torrent}: no data received for 2 s (0 peers)"
+
+
+def test_only_on_a_v1_torrent_and_a_bare_info_hash(nodes, tiny_release, tmp_path):
+    """v1 pieces straddle files: the neighbours' bytes go to the part file, never into the payload folder."""
+    from distrib.torrentfile import load_torrent
+
+    torrent = tmp_path / "v1.torrent"
+    assert run_ws("create", tiny_release, "-o", torrent, "--format", "v1").returncode == 0
+    t = load_torrent(torrent)
+    seed = seeder(nodes, tiny_release, torrent)
+    r = run_ws("fetch", t.v1, "-o", tmp_path / "out", "--only", "params.json", "--peer",
+               f"127.0.0.1:{seed.port}", *LOOPBACK, "--timeout", "30")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(tree_bytes(tmp_path / "out" / t.name)) == ["params.json"]
+    assert (tmp_path / "out" / t.name / "params.json").read_bytes() == (tiny_release / "params.json").read_bytes()

@@ -7,7 +7,7 @@ from conftest import LOOPBACK, seeder, tree_bytes
 
 
 def _half_done(e: dict) -> bool:
-    return e["event"] == "progress" and e["wanted"] and 0.4 <= e["done"] / e["wanted"] < 0.8
+    return e["event"] == "progress" and e["wanted"] and 0.25 <= e["done"] / e["wanted"] < 0.85
 
 
 def _interrupted_then_resumed(nodes, tiny_release, tiny_torrent, out, sig):
@@ -20,7 +20,12 @@ def _interrupted_then_resumed(nodes, tiny_release, tiny_torrent, out, sig):
             "--timeout", "30"]
     first = nodes(*args)
     first.wait_event(_half_done)
-    first.stop(sig)
+    code = first.stop(sig)
+    resume = out / ".weightswarm" / f"{t.info_hash}.resume"
+    if sig == signal.SIGINT:
+        assert code == 130 and resume.exists()  # a clean stop leaves resume data for the next run
+    else:
+        assert code == -signal.SIGKILL and not resume.exists()  # a crash leaves none: the next run re-checks
     second = nodes(*args)
     checked = second.wait_event(lambda e: e["event"] in ("checked", "finished"))
     assert second.wait() == 0, second.stderr

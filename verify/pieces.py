@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 from verify.paths import confined
 from weightswarm import interrupt
-from verify.report import Finding
+from verify.report import Finding, first_few
 
 BLOCK = 16 * 1024  # BEP 52 leaf size
 ZERO = bytes(32)
@@ -176,8 +176,8 @@ def _piece_hash(body: bytes | None, n: int, plen: int, file_size: int) -> bytes 
 def _v1_finding(f: FileEntry, bad: list[int], count: int, payload: _Payload) -> Finding:
     if not bad:
         return Finding("pieces", f.path, True, f"{count} SHA-1 piece{'s' if count != 1 else ''} ok")
-    shown = "; ".join(f"piece {i} failed (covers {', '.join(payload.covered(i))})" for i in bad[:5])
-    return Finding("pieces", f.path, False, shown + (f"; {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return Finding("pieces", f.path, False,
+                   first_few([f"piece {i} failed (covers {', '.join(payload.covered(i))})" for i in bad]))
 
 
 def _v2_finding(torrent: Torrent, f: FileEntry, hashes: dict[int, bytes], first: int, plen: int) -> Finding:
@@ -195,5 +195,4 @@ def _v2_finding(torrent: Torrent, f: FileEntry, hashes: dict[int, bytes], first:
         if merkle_root(got, _pow2(n), pad) == expected_root:
             return Finding("merkle", f.path, True, f"SHA-256 root and {n} piece hashes ok")
         return Finding("merkle", f.path, False, "merkle root mismatch (the piece layer itself is wrong)")
-    shown = "; ".join(f"piece {i} failed" for i in bad[:5])
-    return Finding("merkle", f.path, False, shown + (f"; {len(bad) - 5} more" if len(bad) > 5 else ""))
+    return Finding("merkle", f.path, False, first_few([f"piece {i} failed" for i in bad]))

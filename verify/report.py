@@ -4,6 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def first_few(problems: list[str], n: int = 5) -> str:
+    """Up to n problems, then how many more: a detail line stays readable for a 93 GB file."""
+    more = f"; and {len(problems) - n} more" if len(problems) > n else ""
+    return "; ".join(problems[:n]) + more
+
+
 @dataclass(frozen=True)
 class Finding:
     check: str  # "pieces", "merkle", "checksum", "structure", "params"

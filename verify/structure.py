@@ -19,7 +19,7 @@ from verify.paths import confined
 from weightswarm.errors import FormatError, InputError, VerificationError, WeightswarmError
 
 from .hashing import CHUNK
-from .report import Finding
+from .report import Finding, first_few
 from .splits import open_logical, split_base, split_parts
 
 TensorInfo = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype code, shape)
@@ -292,22 +292,17 @@ def check_structure(root: str | os.PathLike, workers: int = 2) -> list[Finding]:
 def _check_params(root: Path, rel: str, weights: dict[str, Path], tensors_of: dict) -> Finding:
     folder = Path(rel).parent
     ckpt = next((c for c in ((folder / n).as_posix() for n in CHECKPOINTS) if c in weights), None)
-    if ckpt is None:
-        try:
-            ModelArgs.load(root / rel)
-        except FormatError as e:
-            return Finding("params", rel, False, e.problem, refused=True)
-        # A partial fetch (say, only params.json) is not wrong: there is just nothing to compare with.
-        return Finding("params", rel, True, f"valid; no {' or '.join(CHECKPOINTS)} beside it to compare with")
     try:
         args = ModelArgs.load(root / rel)
     except FormatError as e:
         return Finding("params", rel, False, e.problem, refused=True)
+    if ckpt is None:
+        # A partial fetch (say, only params.json) is not wrong: there is just nothing to compare with.
+        return Finding("params", rel, True, f"valid; no {' or '.join(CHECKPOINTS)} beside it to compare with")
     tensors = tensors_of[ckpt]
     if tensors is None:
         return Finding("params", rel, False, f"cannot compare: {Path(ckpt).name} failed its structure check")
     problems = params_problems(args, tensors)
     if problems:
-        more = f"; and {len(problems) - 5} more" if len(problems) > 5 else ""
-        return Finding("params", rel, False, "; ".join(problems[:5]) + more)
+        return Finding("params", rel, False, first_few(problems))
     return Finding("params", rel, True, f"{len(tensors)} tensors match {Path(ckpt).name}")

@@ -274,9 +274,10 @@ def join(target: Path, output: Path | None, md5: str | None) -> None:
 @click.option("--leechers", default=3, show_default=True, help="Fetch processes in the swarm.")
 @click.option("--preset", default="small", show_default=True, help="Size of the synthetic release (see synth).")
 @click.option("--keep", is_flag=True, help="Keep the work folder afterwards.")
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds before the demo gives up.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @handle_errors
-def demo(workdir: Path, leechers: int, preset: str, keep: bool, as_json: bool) -> None:
+def demo(workdir: Path, leechers: int, preset: str, keep: bool, timeout: float, as_json: bool) -> None:
     """Run the whole job on a local swarm: synth, torrent, seed, N fetches, verify."""
     import shutil
 
@@ -285,7 +286,7 @@ def demo(workdir: Path, leechers: int, preset: str, keep: bool, as_json: bool) -
     existed = workdir.exists()
     show = (lambda line: click.echo(line, err=True)) if as_json else click.echo
     try:
-        stages = run_demo(workdir, leechers=leechers, preset=preset, show=show)
+        stages = run_demo(workdir, leechers=leechers, preset=preset, timeout=timeout, show=show)
     finally:
         if not keep and not existed:
             shutil.rmtree(workdir, ignore_errors=True)

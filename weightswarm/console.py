@@ -5,7 +5,6 @@ import json
 import sys
 import time
 
-from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                            TransferSpeedColumn)
 
@@ -13,20 +12,20 @@ from verify.report import Report
 
 
 def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    """Binary units, like the ones options take (``--max-upload-rate 4m`` shows as 4.0 MiB/s)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 class Reporter:
     """Receives the events of a command (dicts with an "event" key) and shows them."""
 
-    def __init__(self, json_mode: bool = False, stream=None):
+    def __init__(self, json_mode: bool = False):
         self.json = json_mode
-        self.out = stream or sys.stdout
-        self.err = Console(stderr=True)
+        self.out = sys.stdout
         self.tty = not json_mode and self.out.isatty()
         self.progress: Progress | None = None
         self.task = None
@@ -39,7 +38,7 @@ class Reporter:
         kind = event.get("event")
         if kind in ("progress", "seeding") and self.tty:
             self._bar(event)
-        elif kind in ("progress", "seeding", "status", "checking", "hashing"):
+        elif kind in ("progress", "seeding", "status", "checking"):
             self._occasional(event)
         else:
             self._stop_bar()
@@ -121,9 +120,9 @@ def _describe(e: dict) -> str:
     return json.dumps(e, default=str)
 
 
-def print_report(report: Report, out=None) -> None:
+def print_report(report: Report) -> None:
     """What was checked, per kind, and every failure with its file."""
-    out = out or sys.stdout
+    out = sys.stdout
     names = {"pieces": "torrent pieces (SHA-1)", "merkle": "torrent merkle roots (SHA-256)",
              "checksum": "publisher checksums", "structure": "weight file structure", "params": "params.json"}
     for check, counts in report.summary().items():

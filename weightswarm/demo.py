@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from weightswarm.errors import InputError, SwarmError, WeightswarmError
-from weightswarm.procs import WsProcess
-
-LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]
-
+from weightswarm.procs import LOOPBACK, WsProcess
 
 @dataclass
 class Stage:

@@ -13,6 +13,7 @@ import time
 from weightswarm.errors import SwarmError
 
 WS = [sys.executable, "-m", "weightswarm"]
+LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]  # an isolated node: loopback only, no DHT or LSD
 
 
 class WsProcess:
