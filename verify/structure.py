@@ -125,11 +125,22 @@ def _first_bad_member(path: Path, opener: Callable[[], BinaryIO],
     return None
 
 
+# name -> (dtype code, shape, begin, end): byte range relative to the start of the data section
+HeaderEntries = dict[str, tuple[str, tuple[int, ...], int, int]]
+
+
 def safetensors_tensors(path: str | os.PathLike) -> TensorInfo:
     """Tensors of a .safetensors file (or its split parts), checking the format's rules on the raw
     bytes: bounded header, UTF-8 JSON object, known dtypes, sizes that match shapes, and data
     offsets that tile the data section exactly. Raises FormatError("<tensor>: <problem>").
     """
+    entries, _ = safetensors_header(path)
+    return {name: (dtype, shape) for name, (dtype, shape, _b, _e) in entries.items()}
+
+
+def safetensors_header(path: str | os.PathLike) -> tuple[HeaderEntries, int]:
+    """The validated header of a .safetensors file (or its split parts) in header order, without
+    __metadata__, and the absolute offset of its data section. Same rules as safetensors_tensors."""
     path = Path(path)
     with open_logical(path.parent, path.name) as f:
         size = f.seek(0, io.SEEK_END)
@@ -142,10 +153,10 @@ def safetensors_tensors(path: str | os.PathLike) -> TensorInfo:
         if n > size - 8:
             raise FormatError(path, f"header length {n} runs past the end of the file ({size} bytes)")
         raw = f.read(n)
-    return _parse_header(path, raw, size - 8 - n)
+    return _parse_header(path, raw, size - 8 - n), 8 + n
 
 
-def _parse_header(path: Path, raw: bytes, data_len: int) -> TensorInfo:
+def _parse_header(path: Path, raw: bytes, data_len: int) -> HeaderEntries:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -162,13 +173,13 @@ def _parse_header(path: Path, raw: bytes, data_len: int) -> TensorInfo:
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise FormatError(path, "__metadata__: must map strings to strings")
     spans = []
-    out: TensorInfo = {}
+    out: HeaderEntries = {}
     for name, entry in header.items():
         dtype, shape, (begin, end) = _entry(path, name, entry)
         if end > data_len:
             raise FormatError(path, f"{name}: data_offsets end {end} is past the end of the data ({data_len} bytes)")
         spans.append((begin, end, name))
-        out[name] = (dtype, tuple(shape))
+        out[name] = (dtype, tuple(shape), begin, end)
     prev_end, prev = 0, None
     for begin, end, name in sorted(spans):
         after = f"after {prev}" if prev else "at the start of the data"
