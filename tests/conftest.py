@@ -53,6 +53,15 @@ def tiny_torrent(tiny_release, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def converted(tiny_release, tmp_path_factory):
+    """The tiny release in the per-expert layout (read-only for tests: copy to change)."""
+    out = tmp_path_factory.mktemp("converted") / "mixtral-tiny-experts"
+    r = run_ws("convert", tiny_release, "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 @pytest.fixture
 def release_copy(tiny_release, tmp_path) -> Path:
     dest = tmp_path / tiny_release.name

@@ -17,6 +17,7 @@ class Finding:
     ok: bool
     detail: str = ""
     refused: bool = False  # the file breaks its format's rules or is unsafe: bad input, not wrong data
+    absent: bool = False  # listed but not here (a partial fetch): neither passed nor corrupt
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Report:
         out: dict[str, dict[str, int]] = {}
         for f in self.findings:
             c = out.setdefault(f.check, {"passed": 0, "failed": 0})
-            c["passed" if f.ok else "failed"] += 1
+            kind = "absent" if f.absent else "passed" if f.ok else "failed"
+            c[kind] = c.get(kind, 0) + 1
         return out
 
     def to_json(self) -> dict:

@@ -179,6 +179,7 @@ def seed(path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_verif
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Folder; files land in OUTPUT/<torrent name>/.")
 @click.option("--only", multiple=True, metavar="GLOB", help="Fetch only matching files (repeatable).")
+@click.option("--experts", metavar="LIST", help="Per-expert layout: the dense files and these experts only (0,3).")
 @click.option("--peer", multiple=True, metavar="HOST:PORT", help="Connect to this peer (repeatable).")
 @click.option("--web-seed", multiple=True, metavar="URL", help="Add a BEP 19 web seed (repeatable).")
 @click.option("--listen", default="0.0.0.0:6881", show_default=True, help="HOST:PORT to accept peers on.")
@@ -190,12 +191,16 @@ def seed(path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_verif
 @click.option("--no-verify", is_flag=True, help="Skip the checks after the download (pieces are still hashed).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @handle_errors
-def fetch(source: str, output: Path, only, peer, web_seed, listen: str, no_dht: bool, max_download_rate,
+def fetch(source: str, output: Path, only, experts, peer, web_seed, listen: str, no_dht: bool, max_download_rate,
           max_upload_rate, seed_after, timeout: float, no_verify: bool, as_json: bool) -> None:
     """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
     from distrib.fetch import FetchOptions, SeedAfter, fetch_and_verify
     from distrib.source import resolve
 
+    if experts:
+        from runner.convert import expert_globs
+
+        only = (*only, *expert_globs(experts))
     opts = FetchOptions(output=output, only=tuple(only), peers=tuple(parse_endpoint(p, "peer") for p in peer),
                         web_seeds=tuple(web_seed), timeout=timeout,
                         session=session_options(listen, no_dht, up=max_upload_rate, down=max_download_rate),
@@ -228,12 +233,16 @@ def _exit_for(report) -> None:
 @click.option("--algo", help="Hash algorithm of the checksum files when their name does not say.")
 @click.option("--no-checksums", is_flag=True, help="Skip checksum files (pieces and structure only).")
 @click.option("--no-structure", is_flag=True, help="Skip the structural checks of weight files.")
+@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path),
+              help="Check files and tensors against a blake3 manifest (absent files are reported as absent).")
+@click.option("--source", type=click.Path(path_type=Path),
+              help="With --manifest: also check the source checkpoint's tensors against it (provenance).")
 @click.option("--workers", type=click.IntRange(1), default=os.cpu_count() or 2, show_default=True,
               help="Threads for hashing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_checksums, no_structure, workers,
-           as_json) -> None:
+def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_checksums, no_structure,
+           manifest_path: Path | None, source: Path | None, workers, as_json) -> None:
     """Verify FOLDER (a torrent's top folder): pieces, checksums, weight file structure."""
     from distrib.torrentfile import load_torrent
     from verify.folder import verify_folder
@@ -245,8 +254,14 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_che
     bar = rep.bar("verifying", torrent.info.total_size()) if torrent else None
     if no_checksums and checksum_files:
         raise InputError("--no-checksums", "cannot be combined with --checksums")
+    if source and not manifest_path:
+        raise InputError("--source", "needs --manifest: the tensor hashes to compare the source with")
     report = verify_folder(folder, torrent, [] if no_checksums else (list(checksum_files) or None), algo=algo,
                            structure=not no_structure, workers=workers, progress=bar)
+    if manifest_path:
+        from verify.manifest import verify_manifest
+
+        report.extend(verify_manifest(folder, manifest_path, source, workers))
     rep.close()
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -293,3 +308,57 @@ def demo(workdir: Path, leechers: int, preset: str, keep: bool, timeout: float, 
     print_summary(stages, as_json)
     if not all(s.ok for s in stages):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The new folder to write.")
+@click.option("--granularity", type=click.Choice(["expert", "layer-expert"]), default="expert", show_default=True,
+              help="One file per expert, or per layer and expert.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), help="Default: the source's.")
+@handle_errors
+def convert(src: Path, output: Path, granularity: str, dtype: str | None) -> None:
+    """Restructure a checkpoint (any supported layout) into per-expert safetensors files plus a manifest."""
+    from runner.convert import ConvertOptions
+    from runner.convert import convert as run_convert
+    from runner.layouts import open_layout
+
+    layout = open_layout(src)
+    rep = Reporter()
+    bar = rep.bar(f"converting {layout.kind}", sum(t.nbytes for t in layout.tensors.values()))
+    manifest = run_convert(src, output, ConvertOptions(granularity=granularity, dtype=dtype),
+                           progress=lambda _file, n: bar(n))
+    rep.close()
+    click.echo(f"wrote {output}: {len(manifest['files'])} files, {len(manifest['tensors'])} tensors "
+               f"from a {manifest['source']['layout']} checkpoint; manifest.json last")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The manifest file to write.")
+@click.option("--tensors", is_flag=True, help="Also hash every tensor of the weight files.")
+@handle_errors
+def manifest(folder: Path, output: Path, tensors: bool) -> None:
+    """Write a blake3 manifest of FOLDER: every file, and with --tensors every tensor."""
+    from verify.manifest import build_manifest, manifest_bytes
+    from weightswarm.atomic import atomic_write_bytes
+
+    if not output.parent.is_dir():
+        raise InputError(output.parent, "output folder does not exist")
+    m = build_manifest(folder, tensors=tensors)
+    atomic_write_bytes(output, manifest_bytes(m))
+    click.echo(f"wrote {output}: {len(m['files'])} files" + (f", {len(m['tensors'])} tensors" if tensors else ""))
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="The new folder to write.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "consolidated"]), default="hf", show_default=True)
+@click.option("--shard-size", default="2g", show_default=True, help="Largest HF shard (bytes, 2g).")
+@handle_errors
+def export(src: Path, output: Path, fmt: str, shard_size: str) -> None:
+    """Reassemble SRC (per-expert or any supported layout) as HF shards or Mistral's consolidated.00.pth."""
+    from runner.export import export as run_export
+
+    written = run_export(src, output, fmt, parse_bytes(shard_size))
+    click.echo(f"wrote {output}: " + ", ".join(p.name for p in written))

@@ -124,11 +124,14 @@ def print_report(report: Report) -> None:
     """What was checked, per kind, and every failure with its file."""
     out = sys.stdout
     names = {"pieces": "torrent pieces (SHA-1)", "merkle": "torrent merkle roots (SHA-256)",
-             "checksum": "publisher checksums", "structure": "weight file structure", "params": "params.json"}
+             "checksum": "publisher checksums", "structure": "weight file structure", "params": "params.json",
+             "manifest": "manifest files (blake3)", "tensor": "manifest tensors (blake3)",
+             "provenance": "tensors equal to the source"}
     for check, counts in report.summary().items():
         status = "ok" if not counts["failed"] else "FAILED"
-        print(f"{names.get(check, check):32} {counts['passed']:4} passed {counts['failed']:4} failed  {status}",
-              file=out)
+        absent = f" {counts['absent']:4} absent" if counts.get("absent") else ""
+        print(f"{names.get(check, check):32} {counts['passed']:4} passed {counts['failed']:4} failed{absent}  "
+              f"{status}", file=out)
     for f in report.failures:
         print(f"FAIL {f.check}: {f.path}: {f.detail}", file=out)
     if not report.findings:
