@@ -26,9 +26,7 @@ def test_fetch_two_experts_from_a_converted_release(nodes, converted, tmp_path):
     # The only slack: a file's last 16 KiB block goes whole over the wire, pad bytes included.
     downloaded = f.last["finished"]["downloaded"]
     need = sum(sizes[p] for p in wanted)
-    others = sum(s for p, s in sizes.items() if p not in wanted)
     assert need <= downloaded < need + len(wanted) * 16 * 1024
-    assert others > downloaded  # the six other experts are most of the release
 
     r = run_ws("verify", got, "--manifest", got / "manifest.json", "--json")
     assert r.returncode == 0, r.stdout + r.stderr
