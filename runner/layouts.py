@@ -24,7 +24,7 @@ from weightswarm.errors import FormatError
 KINDS = ("consolidated-pth", "consolidated-safetensors", "hf", "hf-stacked")
 HINT = ("expected one of: consolidated.00.pth (or its -splitN parts) + params.json; consolidated.safetensors "
         "+ params.json; config.json + model.safetensors.index.json and its shards, or model.safetensors; "
-        "consolidated.0N.pt with stacked experts")
+        "consolidated.0N.pt with stacked experts; or the per-expert layout of weightswarm convert")
 _STACKED_FILE = re.compile(r"^consolidated\.[0-9]{2}\.pt$")
 
 
@@ -177,6 +177,8 @@ def open_layout(src: str | os.PathLike) -> Layout:
     hf = (root / "config.json").is_file() and ((root / "model.safetensors.index.json").is_file()
                                                or (root / "model.safetensors").is_file())
     consolidated_ok = (root / "params.json").is_file() or not hf
+    if (root / "dense.safetensors").is_file():
+        return _open_per_expert(root, tokenizer)
     pth = root / "consolidated.00.pth"
     parts = [] if pth.is_file() else split_parts(pth)
     if (pth.is_file() or parts) and consolidated_ok:
@@ -197,6 +199,16 @@ def open_layout(src: str | os.PathLike) -> Layout:
         return _open_stacked(root, stacked, tokenizer)
     what = "the folder is empty" if not any(root.iterdir()) else "no known checkpoint layout"
     raise FormatError(root, what, hint=HINT)
+
+
+def _open_per_expert(root: Path, tokenizer: Path | None) -> Layout:
+    """weightswarm's own layout (FORMAT.md): dense.safetensors plus one file per expert (or layer and expert)."""
+    args = _params(root / "params.json")
+    files = [root / "dense.safetensors"] + sorted((root / "experts").rglob("*.safetensors"))
+    refs = _merge(files, safetensors_refs)
+    tensors = _canonical(args, {n: (r, _direct(r)) for n, r in refs.items()}, "params.json implies",
+                         root / "experts")
+    return Layout("per-expert", root, args, files, tensors, tokenizer)
 
 
 def _params(path: Path) -> ModelArgs:
