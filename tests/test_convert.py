@@ -163,3 +163,36 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, tiny_release):
 
     r = run_ws("convert", tiny_release, "-o", tiny_release)  # not empty
     assert r.returncode == 2 and "already exists and is not empty" in r.stderr
+
+
+def test_manifest_of_any_folder_has_the_same_tensor_hashes(converted, tiny_release, tmp_path):
+    out = tmp_path / "release.manifest.json"
+    r = run_ws("manifest", tiny_release, "-o", out, "--tensors")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(out.read_text())
+    assert [f["path"] for f in m["files"]] == ["RELEASE", "consolidated.00.pth", "params.json", "tokenizer.model"]
+    assert "source" not in m
+    converted_m = json.loads((converted / "manifest.json").read_text())
+    # The same bytes in a torch.save zip and in the per-expert safetensors files: the same hashes.
+    assert {t["name"]: t["blake3"] for t in m["tensors"]} == {t["name"]: t["blake3"] for t in converted_m["tensors"]}
+    r = run_ws("verify", tiny_release, "--manifest", out, "--no-structure")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_truncated_source_names_file_and_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from runner.synth import make_state_dict, preset_args
+
+    args = preset_args("tiny")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "params.json").write_text(json.dumps(args.to_dict()))
+    save_file(make_state_dict(args), src / "consolidated.safetensors")
+    data = (src / "consolidated.safetensors").read_bytes()
+    (src / "consolidated.safetensors").write_bytes(data[:-100])
+    r = run_ws("convert", src, "-o", tmp_path / "out")
+    assert r.returncode == 2
+    line = r.stderr.splitlines()[0]
+    assert line.startswith(f"Error: {src / 'consolidated.safetensors'}: ") and "past the end of the data" in line
+    assert not (tmp_path / "out").exists()
