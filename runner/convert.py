@@ -75,14 +75,23 @@ def plan_files(layout: Layout, opts: ConvertOptions) -> dict[str, list[CanonTens
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions = ConvertOptions(),
-            progress: Callable[[str, int], None] | None = None) -> dict:
-    """Convert SRC into OUT; returns the manifest (also written to OUT/manifest.json)."""
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Convert SRC into OUT; returns the manifest (also written to OUT/manifest.json).
+    ``progress(bytes_read, total_bytes)`` is called after each tensor."""
     opts.check()
     layout = open_layout(src)
     out = Path(out)
     work = _prepare(out, layout, opts)
     files = plan_files(layout, opts)
-    results = {rel: _convert_file(work, rel, tensors, opts, progress) for rel, tensors in files.items()}
+    total, done = sum(t.nbytes for t in layout.tensors.values()), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    results = {rel: _convert_file(work, rel, tensors, opts, advance) for rel, tensors in files.items()}
     copied = _copy_small_files(layout, work / "files")
     manifest = _manifest(layout, opts, files, results, copied, work / "files")
     for rel in [*results, *copied]:
@@ -128,6 +137,7 @@ def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: Conver
     if done.is_file() and dest.is_file():
         result = json.loads(done.read_text())
         if result["size"] == dest.stat().st_size:
+            progress(sum(t.nbytes for t in tensors))
             return result  # finished by an earlier, interrupted run
     code = DTYPE_NAMES.get(opts.dtype) if opts.dtype else None
     plan = [(t.name, code or t.dtype, t.shape) for t in tensors]
@@ -137,8 +147,7 @@ def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: Conver
             x = t.load()
             if code and TORCH_TO_CODE[x.dtype] != code:
                 x = x.to(DTYPES[code])
-            if progress:
-                progress(rel, x.numel() * x.element_size())
+            progress(t.nbytes)
             yield x
 
     dest.parent.mkdir(parents=True, exist_ok=True)

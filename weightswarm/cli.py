@@ -134,15 +134,7 @@ def create(path: Path, output: Path, fmt: str, piece_size: str | None, tracker, 
     opts = CreateOptions(format=fmt, piece_size=parse_bytes(piece_size) if piece_size else 0,
                          trackers=tuple(tracker), web_seeds=tuple(web_seed), private=private, comment=comment)
     rep = Reporter()
-    size = sum(s for _, s in list_payload(path))
-    bar = rep.bar(f"hashing {path.name}", size)
-    state = {"done": 0}
-
-    def progress(done: int, total: int) -> None:
-        bar((done - state["done"]) * size // total)
-        state["done"] = done
-
-    t = write_torrent(path, output, opts, progress)
+    t = write_torrent(path, output, opts, rep.tracker(f"hashing {path.name}", sum(s for _, s in list_payload(path))))
     rep.close()
     click.echo(f"wrote {output}: {t.name}, {len(t.payload_files())} files, {t.info.num_pieces()} pieces of "
                f"{human(t.info.piece_length())}")
@@ -321,13 +313,9 @@ def convert(src: Path, output: Path, granularity: str, dtype: str | None) -> Non
     """Restructure a checkpoint (any supported layout) into per-expert safetensors files plus a manifest."""
     from runner.convert import ConvertOptions
     from runner.convert import convert as run_convert
-    from runner.layouts import open_layout
 
-    layout = open_layout(src)
     rep = Reporter()
-    bar = rep.bar(f"converting {layout.kind}", sum(t.nbytes for t in layout.tensors.values()))
-    manifest = run_convert(src, output, ConvertOptions(granularity=granularity, dtype=dtype),
-                           progress=lambda _file, n: bar(n))
+    manifest = run_convert(src, output, ConvertOptions(granularity=granularity, dtype=dtype), rep.tracker("converting"))
     rep.close()
     click.echo(f"wrote {output}: {len(manifest['files'])} files, {len(manifest['tensors'])} tensors "
                f"from a {manifest['source']['layout']} checkpoint; manifest.json last")

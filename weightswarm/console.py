@@ -56,6 +56,17 @@ class Reporter:
         self.task = self.progress.add_task(description, total=total)
         return lambda n: self.progress.advance(self.task, n)
 
+    def tracker(self, description: str, size: int | None = None):
+        """A bar fed with ``(done, total)`` calls; shown in bytes, scaled to ``size`` when done counts pieces."""
+        if not self.tty:
+            return lambda done, total: None
+
+        def update(done: int, total: int) -> None:
+            if self.progress is None:
+                self.bar(description, size or total)
+            self.progress.update(self.task, completed=done * (size or total) // max(total, 1))
+        return update
+
     def close(self) -> None:
         self._stop_bar()
 
