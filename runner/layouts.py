@@ -34,6 +34,7 @@ class CanonTensor:
     dtype: str  # safetensors code of the source tensor
     shape: tuple[int, ...]  # canonical shape
     load: Callable[[], torch.Tensor]  # reads only this tensor's bytes; canonical orientation
+    ref: TensorRef | None = None  # set when the stored bytes are the canonical tensor as is (can be mapped)
 
     @property
     def nbytes(self) -> int:
@@ -340,7 +341,8 @@ def _canonical(args: ModelArgs, sources: dict[str, tuple[TensorRef, Callable]], 
         if canon not in found:
             raise FormatError(where, f"{display(canon)}: missing, {basis} shape {list(shape)}")
         ref, load = found[canon]
-        out[canon] = CanonTensor(canon, ref.dtype, shape, load)
+        # A bare ref.tensor loader (_direct) means no transform: the ref's bytes are the canonical tensor.
+        out[canon] = CanonTensor(canon, ref.dtype, shape, load, ref if load == ref.tensor else None)
     return out
 
 

@@ -10,9 +10,11 @@ import collections
 import ctypes
 import io
 import json
+import mmap
 import os
 import pickle
 import struct
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,23 @@ class TensorRef:
             return torch.empty(shape, dtype=DTYPES[self.dtype])
         return torch.frombuffer(data, dtype=DTYPES[self.dtype]).reshape(shape)
 
+    def mapped(self) -> torch.Tensor:
+        """This tensor as a view of a private (copy-on-write) memory map of its file: nothing is read or
+        copied until a page is touched, and those pages are the page cache's, shared with other readers.
+        Split files (a tensor may cross parts) are read instead. Writes to it never reach the file."""
+        if not self.path.is_file():
+            return self.tensor()
+        dtype = DTYPES[self.dtype]
+        if not self.nbytes:  # frombuffer refuses an empty range
+            return torch.empty(self.shape, dtype=dtype)
+        mm = _file_map(self.path)
+        if self.offset + self.nbytes > len(mm):  # a mapped page past the end would be SIGBUS, not an error
+            raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
+                                         f"{self.offset}, the file has {len(mm)}")
+        # frombuffer holds a reference to mm, so the mapping lives as long as any tensor made from it.
+        return torch.frombuffer(mm, dtype=dtype, count=self.nbytes // dtype.itemsize,
+                                offset=self.offset).view(self.shape)
+
     def _read(self, offset: int, n: int) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
@@ -92,6 +111,22 @@ class TensorRef:
             raise FormatError(self.path, f"{self.name}: truncated: needs {n} bytes at offset {offset}, "
                                          f"got {got}")
         return buf
+
+
+# One map per file, shared by its tensors while any is alive (each map holds a file descriptor).
+_MAPS: "weakref.WeakValueDictionary[tuple, mmap.mmap]" = weakref.WeakValueDictionary()
+
+
+def _file_map(path: Path) -> mmap.mmap:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new map
+    mm = _MAPS.get(key)
+    if mm is None:
+        if not st.st_size:
+            raise FormatError(path, "empty file")
+        with open(path, "rb") as f:
+            mm = _MAPS[key] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return mm
 
 
 def safetensors_refs(path: str | os.PathLike) -> dict[str, TensorRef]:
