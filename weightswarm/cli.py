@@ -350,3 +350,5 @@ def export(src: Path, output: Path, fmt: str, shard_size: str) -> None:
 
     written = run_export(src, output, fmt, parse_bytes(shard_size))
     click.echo(f"wrote {output}: " + ", ".join(p.name for p in written))
+from weightswarm.daemon_cli import daemon  # noqa: E402
+main.add_command(daemon)
