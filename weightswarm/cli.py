@@ -350,5 +350,39 @@ def export(src: Path, output: Path, fmt: str, shard_size: str) -> None:
 
     written = run_export(src, output, fmt, parse_bytes(shard_size))
     click.echo(f"wrote {output}: " + ", ".join(p.name for p in written))
-from weightswarm.daemon_cli import daemon  # noqa: E402
+
+@main.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", help="Text prompt, through MODEL_DIR/tokenizer.model (BOS first).")
+@click.option("--tokens", metavar="IDS", help="Comma-separated token ids instead of a prompt (1,415,2936).")
+@click.option("--max-new-tokens", type=click.IntRange(0), default=16, show_default=True)
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="The original checkpoint (any layout): logits must agree, bit for bit in float32.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]),
+              help="Default: the checkpoint's (bf16 loads without a copy); float32 for a bit-exact reference.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@handle_errors
+def smoke(model_dir: Path, prompt, tokens, max_new_tokens, reference, device, dtype, temperature, top_p, seed,
+          as_json) -> None:
+    """Assemble the model from MODEL_DIR and prove it runs right: generation, KV cache, routing, reference."""
+    from runner.smoke import parse_tokens, print_report
+    from runner.smoke import smoke as run_smoke
+
+    result = run_smoke(model_dir, prompt=prompt, tokens=parse_tokens(tokens) if tokens else None,
+                       max_new_tokens=max_new_tokens, reference=reference, device=device, dtype=dtype, seed=seed,
+                       temperature=temperature, top_p=top_p)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        print_report(result)
+    if not result["passed"]:
+        sys.exit(VerificationError.exit_code)
+
+
+from weightswarm.daemon_cli import daemon  # noqa: E402  (the daemon's commands live in their own module)
+
 main.add_command(daemon)
