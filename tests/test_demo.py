@@ -13,11 +13,17 @@ def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["ok"]
-    assert [s["name"] for s in summary["stages"]] == ["synth release", "create torrent", "seed", "fetch x2 + verify"]
+    assert [s["name"] for s in summary["stages"]] == [
+        "synth release", "torrent + daemon", "fetch x2", "verify", "convert + publish", "serve experts 0,3",
+        "smoke test"]
     assert all(s["ok"] for s in summary["stages"])
+    original = (work / "data" / "release" / "mixtral-demo" / "consolidated.00.pth").read_bytes()
     for node in ("node1", "node2"):
-        got = work / node / "mixtral-demo" / "consolidated.00.pth"
-        assert got.read_bytes() == (work / "release" / "mixtral-demo" / "consolidated.00.pth").read_bytes()
+        assert (work / node / "mixtral-demo" / "consolidated.00.pth").read_bytes() == original
+    served = work / "serving-node" / "mixtral-demo-experts"
+    assert sorted(p.name for p in (served / "experts").iterdir()) == ["expert-00.safetensors", "expert-03.safetensors"]
+    assert "6 absent" in summary["stages"][5]["detail"]
+    assert "max |diff| 0.0" in summary["stages"][6]["detail"]
 
 
 def test_demo_cleans_up_without_keep(tmp_path):

@@ -1,19 +1,25 @@
 """`weightswarm demo`: the whole job on a local swarm, with nothing from the internet.
 
-A synthetic release is made, torrented and seeded by a rate-limited seeder process; N fetch processes
-download it through the swarm, sharing pieces with each other, and each verifies what it got. Every
-process started here is stopped on the way out, also on Ctrl-C or failure.
+A synthetic release in the Mixtral torrent layout is torrented and seeded by the daemon (rate-limited, so
+the fetchers must share); N fetch processes download it through the swarm and verify it; one copy is
+converted to the per-expert layout, published through the daemon, and a serving node fetches only two
+experts; the assembled model is then checked against the original checkpoint. Every process started
+here is stopped on the way out, also on Ctrl-C or failure.
 """
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from weightswarm.errors import InputError, SwarmError, WeightswarmError
-from weightswarm.procs import LOOPBACK, WsProcess
+from weightswarm.errors import InputError, SwarmError, VerificationError, WeightswarmError
+from weightswarm.procs import LOOPBACK, WS, WsProcess
+
+SERVED_EXPERTS = "0,3"
+
 
 @dataclass
 class Stage:
@@ -24,73 +30,37 @@ class Stage:
     detail: str = ""
 
 
-def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",
-             timeout: float = 300, show: Callable[[str], None] = print) -> list[Stage]:
-    """Run the stages in order until one fails; returns their results."""
-    from distrib.create import write_torrent
-    from runner.synth import synthesize
+class Demo:
+    def __init__(self, workdir: Path, leechers: int, preset: str, seed_rate: str, timeout: float,
+                 show: Callable[[str], None]):
+        if leechers < 1:
+            raise InputError(str(leechers), "--leechers must be at least 1")
+        if not workdir.parent.is_dir():
+            raise InputError(workdir.parent, "no such folder")
+        self.work, self.leechers, self.preset, self.seed_rate, self.show = workdir, leechers, preset, seed_rate, show
+        self.data = workdir / "data"  # the daemon's root: everything it serves lies below
+        self.release = self.data / "release" / "mixtral-demo"
+        self.experts = self.data / "experts" / "mixtral-demo-experts"
+        self.deadline = time.monotonic() + timeout
+        self.procs: list[WsProcess] = []
+        self.stages: list[Stage] = []
+        self.daemon: WsProcess | None = None
+        self.nodes: list[WsProcess] = []
 
-    if leechers < 1:
-        raise InputError(str(leechers), "--leechers must be at least 1")
-    if not workdir.parent.is_dir():
-        raise InputError(workdir.parent, "no such folder")
-    workdir.mkdir(exist_ok=True)
-    release = workdir / "release" / "mixtral-demo"
-    torrent = workdir / "mixtral-demo.torrent"
-    deadline = time.monotonic() + timeout
-    stages: list[Stage] = []
-    procs: list[WsProcess] = []
+    def run(self) -> list[Stage]:
+        try:
+            (self.stage("synth release", self.synth) and self.stage("torrent + daemon", self.start_daemon)
+             and self.stage(f"fetch x{self.leechers}", self.swarm) and self.stage("verify", self.verify)
+             and self.stage("convert + publish", self.convert)
+             and self.stage(f"serve experts {SERVED_EXPERTS}", self.serve)
+             and self.stage("smoke test", self.smoke))
+        finally:
+            for p in reversed(self.procs):
+                p.stop()
+        return self.stages
 
-    def make_release():
-        if not (release / "RELEASE").exists():  # a rerun with the same --workdir reuses it
-            release.parent.mkdir(exist_ok=True)
-            synthesize(release, preset=preset)
-        files = [p for p in release.iterdir() if p.is_file()]
-        return sum(p.stat().st_size for p in files), f"{len(files)} files ({preset} preset)"
-
-    def make_torrent():
-        t = write_torrent(release, torrent)
-        return torrent.stat().st_size, f"{t.info.num_pieces()} pieces, info-hash {t.info_hash}"
-
-    def start_seed():
-        p = WsProcess("seed", release, "--torrent", torrent, *LOOPBACK, "--json", "--max-upload-rate", seed_rate,
-                      name="seeder", stderr_path=workdir / "seeder.log")
-        procs.append(p)
-        p.wait_for("ready", deadline - time.monotonic())
-        return 0, f"127.0.0.1:{p.last['listening']['port']}, upload limited to {seed_rate}/s"
-
-    def swarm():
-        seed = procs[0]
-        peers = [f"127.0.0.1:{seed.last['listening']['port']}"]
-        nodes = []
-        for i in range(leechers):
-            # Each node knows the seed and the nodes before it; connections go both ways once made.
-            args = ["fetch", str(torrent), "-o", str(workdir / f"node{i + 1}"), *LOOPBACK, "--json",
-                    "--seed-after", "1h"] + [a for p in peers for a in ("--peer", p)]
-            n = WsProcess(*args, name=f"node{i + 1}", stderr_path=workdir / f"node{i + 1}.log")
-            procs.append(n)
-            nodes.append(n)
-            peers.append(f"127.0.0.1:{n.port}")
-        last_line = 0.0
-        while not all("verify" in n.last for n in nodes):
-            for n in nodes:
-                if n.proc.poll() is not None and "verify" not in n.last:
-                    raise SwarmError(n.name, f"fetch exited with status {n.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise SwarmError("demo", "the swarm did not finish before the deadline")
-            if time.monotonic() - last_line >= 1:
-                last_line = time.monotonic()
-                show("  " + "  ".join(_node_line(n) for n in nodes) + f"  | seed sent {_mb(_sent(seed))}")
-            time.sleep(0.2)
-        bad = [n.name for n in nodes if not n.last["verify"]["report"]["ok"]]
-        if bad:
-            raise SwarmError(", ".join(bad), "verification failed (pieces, RELEASE md5 or structure)")
-        got, from_seed = sum(n.last["finished"]["downloaded"] for n in nodes), _sent(seed)
-        return got, (f"{leechers} nodes got {_mb(got)}: {_mb(from_seed)} from the seed, "
-                     f"{_mb(max(0, got - from_seed))} from each other; each verified pieces, md5, structure")
-
-    def stage(name: str, fn: Callable[[], tuple[int, str]]) -> bool:
-        show(f"== {name}")
+    def stage(self, name: str, fn: Callable[[], tuple[int, str]]) -> bool:
+        self.show(f"== {name}")
         t0 = time.monotonic()
         try:
             nbytes, detail, ok = *fn(), True
@@ -98,20 +68,138 @@ def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate:
             raise
         except (WeightswarmError, OSError) as e:
             nbytes, detail, ok = 0, str(e), False
-        stages.append(Stage(name, round(time.monotonic() - t0, 2), nbytes, ok, detail))
+        self.stages.append(Stage(name, round(time.monotonic() - t0, 2), nbytes, ok, detail))
         return ok
 
-    try:
-        (stage("synth release", make_release) and stage("create torrent", make_torrent)
-         and stage("seed", start_seed) and stage(f"fetch x{leechers} + verify", swarm))
-    finally:
-        for p in reversed(procs):
-            p.stop()
-    return stages
+    def left(self) -> float:
+        if time.monotonic() > self.deadline:
+            raise SwarmError("demo", "did not finish before the deadline (--timeout)")
+        return self.deadline - time.monotonic()
+
+    # ---- stages: each returns (bytes, detail) or raises
+
+    def synth(self) -> tuple[int, str]:
+        from runner.synth import synthesize
+
+        if not (self.release / "RELEASE").exists():  # a rerun with the same --workdir reuses it
+            self.release.parent.mkdir(parents=True, exist_ok=True)
+            synthesize(self.release, preset=self.preset)
+        files = [p for p in self.release.iterdir() if p.is_file()]
+        return sum(p.stat().st_size for p in files), f"{len(files)} files in the Mixtral layout ({self.preset} preset)"
+
+    def start_daemon(self) -> tuple[int, str]:
+        self.daemon = WsProcess("daemon", "--data", self.data, "--state", self.work / "state", "--api", "127.0.0.1:0",
+                                *LOOPBACK, "--json", "--max-upload-rate", self.seed_rate, "--scrub-interval", "0",
+                                name="daemon", stderr_path=self.work / "daemon.log")
+        self.procs.append(self.daemon)
+        self.daemon.wait_for("listening", self.left())
+        t = self.publish(self.release, self.work / "mixtral-demo.torrent", "release")
+        return 0, (f"{t.info.num_pieces()} pieces, info-hash {t.info_hash}; daemon on 127.0.0.1:"
+                   f"{self.daemon.port}, upload limited to {self.seed_rate}/s")
+
+    def publish(self, folder: Path, torrent: Path, save_path: str):
+        """Make FOLDER's torrent and register it with the daemon; returns once the daemon seeds it."""
+        from distrib.create import write_torrent
+
+        t = write_torrent(folder, torrent)
+        api = self.daemon.last["listening"]["api"].removeprefix("http://")
+        r = subprocess.run(WS + ["daemon", "--state", str(self.work / "state"), "--api", api, "add", str(torrent),
+                                 "--path", save_path], capture_output=True, text=True, timeout=self.left())
+        if r.returncode:
+            raise SwarmError(torrent, f"daemon add failed: {r.stderr.strip()}")
+        self.daemon.wait_event(lambda e: e["event"] == "seeding" and e.get("id") in (t.v1, t.v2), self.left())
+        return t
+
+    def swarm(self) -> tuple[int, str]:
+        peers = [f"127.0.0.1:{self.daemon.port}"]
+        for i in range(self.leechers):
+            # Each node knows the daemon and the nodes before it; connections go both ways once made.
+            n = WsProcess("fetch", self.work / "mixtral-demo.torrent", "-o", self.work / f"node{i + 1}", *LOOPBACK,
+                          "--json", "--seed-after", "1h", *[a for p in peers for a in ("--peer", p)],
+                          name=f"node{i + 1}", stderr_path=self.work / f"node{i + 1}.log")
+            self.procs.append(n)
+            self.nodes.append(n)
+            peers.append(f"127.0.0.1:{n.port}")
+        last_line = 0.0
+        while not all("verify" in n.last for n in self.nodes):
+            for n in self.nodes:
+                if n.proc.poll() is not None and "verify" not in n.last:
+                    raise SwarmError(n.name, f"fetch exited with status {n.proc.returncode}")
+            self.left()
+            if time.monotonic() - last_line >= 1:
+                last_line = time.monotonic()
+                self.show("  " + "  ".join(_node_line(n) for n in self.nodes) + f"  | daemon sent {_mb(self.sent())}")
+            try:
+                self.nodes[0].proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        got, from_seed = sum(n.last["finished"]["downloaded"] for n in self.nodes), self.sent()
+        return got, (f"{self.leechers} nodes got {_mb(got)}: {_mb(from_seed)} from the daemon, "
+                     f"{_mb(max(0, got - from_seed))} from each other")
+
+    def sent(self) -> int:
+        """Bytes the daemon uploaded, from its status API."""
+        from urllib.request import Request, urlopen
+
+        token = (self.work / "state" / "api-token").read_text().strip()
+        req = Request(self.daemon.last["listening"]["api"] + "/v1/torrents", headers={"Authorization": f"Bearer {token}"})
+        with urlopen(req, timeout=5) as r:
+            return sum(t.get("uploaded", 0) for t in json.load(r)["torrents"])
+
+    def verify(self) -> tuple[int, str]:
+        reports = [n.last["verify"]["report"] for n in self.nodes]
+        bad = [n.name for n, r in zip(self.nodes, reports) if not r["ok"]]
+        if bad:
+            raise VerificationError(", ".join(bad), "verification failed (pieces, RELEASE md5 or structure)")
+        checks = ", ".join(f"{k} {v['passed']}" for k, v in reports[0]["summary"].items())
+        return 0, f"every node: {checks} passed"
+
+    def convert(self) -> tuple[int, str]:
+        from runner.convert import convert
+
+        self.experts.parent.mkdir(parents=True, exist_ok=True)
+        if not (self.experts / "manifest.json").exists():
+            convert(self.work / "node1" / "mixtral-demo", self.experts)
+        t = self.publish(self.experts, self.work / "mixtral-demo-experts.torrent", "experts")
+        size = sum(f.size for f in t.payload_files())
+        return size, f"{len(t.payload_files())} files (dense + one per expert), published by the daemon"
+
+    def serve(self) -> tuple[int, str]:
+        from verify.manifest import verify_manifest
+
+        out = self.work / "serving-node"
+        n = WsProcess("fetch", self.work / "mixtral-demo-experts.torrent", "-o", out, "--experts", SERVED_EXPERTS,
+                      "--peer", f"127.0.0.1:{self.daemon.port}", *LOOPBACK, "--json", name="serving node",
+                      stderr_path=self.work / "serving-node.log")
+        self.procs.append(n)
+        code = n.wait(self.left())
+        if code:
+            raise SwarmError("serving node", f"fetch exited with status {code}")
+        root = out / "mixtral-demo-experts"
+        findings = verify_manifest(root, root / "manifest.json")
+        files = [f for f in findings if f.check == "manifest"]
+        if not all(f.ok for f in findings):
+            raise VerificationError(root, "manifest check failed")
+        have = sum(1 for f in files if not f.absent)
+        return n.last["finished"]["downloaded"], (f"{have} files verified against the manifest, "
+                                                  f"{len(files) - have} absent (the other experts)")
+
+    def smoke(self) -> tuple[int, str]:
+        from runner.smoke import smoke
+
+        r = smoke(self.experts, prompt="The weights of the swarm", max_new_tokens=8, reference=self.release,
+                  dtype="float32")
+        if not r["passed"]:
+            raise VerificationError(self.experts, "smoke test failed: " + json.dumps(r["checks"]))
+        return 0, (f"per-expert model = original checkpoint (max |diff| {r['max_abs_diff']}); "
+                   f"greedy: {r.get('text', '')!r}")
 
 
-def _sent(seed: WsProcess) -> int:
-    return seed.last.get("status", {}).get("uploaded", 0)
+def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",
+             timeout: float = 300, show: Callable[[str], None] = print) -> list[Stage]:
+    """Run the stages in order until one fails; returns their results."""
+    workdir.mkdir(exist_ok=True)
+    return Demo(workdir, leechers, preset, seed_rate, timeout, show).run()
 
 
 def _node_line(n: WsProcess) -> str:
