@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from distrib.session import SessionOptions, parse_endpoint
 from weightswarm.console import Reporter, human, print_report
 from weightswarm.errors import InputError, VerificationError, WeightswarmError
 from weightswarm.interrupt import Stop, install_stop_signals
@@ -59,7 +58,9 @@ def _fail(verbose: bool, message: str, hint: str | None, code: int):
     sys.exit(code)
 
 
-def session_options(listen: str, no_dht: bool, up: str | None = None, down: str | None = None) -> SessionOptions:
+def session_options(listen: str, no_dht: bool, up: str | None = None, down: str | None = None):
+    from distrib.session import SessionOptions, parse_endpoint  # libtorrent only for the commands that need it
+
     parse_endpoint(listen, "listen address")
     return SessionOptions(listen=listen, dht=not no_dht, upload_rate=parse_bytes(up) if up else 0,
                           download_rate=parse_bytes(down) if down else 0)
@@ -187,6 +188,7 @@ def fetch(source: str, output: Path, only, experts, peer, web_seed, listen: str,
           max_upload_rate, seed_after, timeout: float, no_verify: bool, as_json: bool) -> None:
     """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
     from distrib.fetch import FetchOptions, SeedAfter, fetch_and_verify
+    from distrib.session import parse_endpoint
     from distrib.source import resolve
 
     if experts:
