@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from distrib.daemon_torrents import Conflict, Forbidden, NotFound
 from distrib.session import parse_endpoint
 from weightswarm.errors import InputError
+from weightswarm.units import check_limit
 
 if TYPE_CHECKING:
     from distrib.daemon import Daemon
@@ -56,7 +57,9 @@ async def guard(request: web.Request, handler):
 
 def _authorized(request: web.Request, token: str) -> bool:
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    # surrogateescape: a header of arbitrary bytes is simply a wrong token, not a crash.
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                                              token.encode())
 
 
 async def list_torrents(request: web.Request) -> web.Response:
@@ -77,11 +80,9 @@ async def add_torrent(request: web.Request) -> web.Response:
     for key in ("upload_rate", "download_rate", "max_connections"):
         if form.get(key) not in (None, ""):
             try:
-                limits[key] = int(form[key])
+                limits[key] = check_limit(key, int(form[key]))
             except ValueError:
                 raise InputError(key, f"not a whole number: {form[key]!r}") from None
-            if limits[key] < 0:
-                raise InputError(key, "must not be negative")
     status = await request.app[DAEMON].add(field.file.read() if field is not None else None,
                                            str(form.get("magnet") or "") or None,
                                            str(form.get("save_path") or ""), limits)

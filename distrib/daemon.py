@@ -29,7 +29,7 @@ from distrib.session import SessionOptions, make_session
 from distrib.source import resolve
 from distrib.torrentfile import Torrent, lt_message, parse_torrent
 from weightswarm import __version__
-from weightswarm.errors import InputError, TorrentError, WeightswarmError
+from weightswarm.errors import InputError, TorrentError
 
 log = logging.getLogger("weightswarm.daemon")
 
@@ -80,7 +80,7 @@ class Daemon(AlertHandling):
             for entry in self.state.entries():
                 try:
                     self._start(entry, fresh=False)
-                except (WeightswarmError, RuntimeError) as e:  # one broken entry must not stop the others
+                except Exception as e:  # one broken entry must not stop the others (nor the daemon, in a loop)
                     self.event("torrent_error", logging.ERROR, id=entry.id, message=f"not started: {e}")
             runner, self.api_url = await start_api(self)
             self.event("listening", port=self.ses.listen_port(), api=self.api_url, pid=os.getpid(),
@@ -215,7 +215,7 @@ class Daemon(AlertHandling):
             await self._in_io(self.state.register, entry, torrent_data)
             try:
                 m = self._start(entry, fresh=True, torrent=torrent)
-            except RuntimeError as e:  # libtorrent refused it after all: leave nothing registered
+            except (RuntimeError, OverflowError) as e:  # libtorrent refused it after all: leave nothing registered
                 await self._in_io(self.state.remove, key)
                 raise TorrentError("torrent", f"cannot add it: {lt_message(e)}") from None
         finally:
@@ -251,7 +251,6 @@ class Daemon(AlertHandling):
     async def _scrub(self, m: Managed, reason: str) -> None:
         """Re-read and re-hash the pieces the torrent has, rate-limited, in the scrub thread."""
         loop = asyncio.get_running_loop()
-        have = list(m.handle.status().pieces)
 
         def progress(done: int, total: int) -> None:
             m.scrubbing.update(done=done, total=total)  # read by the API; a dict update is atomic under the GIL
@@ -260,6 +259,7 @@ class Daemon(AlertHandling):
             loop.call_soon_threadsafe(self._bad_piece, m, piece)
 
         started = time.time()
+        have = list(m.handle.status().pieces)  # now, not when the scrub was queued: pieces may have gone since
         self.event("scrub_started", id=m.entry.id, reason=reason, pieces=sum(have))
         try:
             res = await loop.run_in_executor(self._scrubs, scrub, m.torrent, self.paths.save_dir(m.entry.save_path),
@@ -269,6 +269,10 @@ class Daemon(AlertHandling):
         except Exception as e:
             self.counters["scrubs_error"] += 1
             self.event("scrub_failed", logging.ERROR, id=m.entry.id, message=str(e))
+            if not m.removed:  # recorded, so the schedule waits a full interval instead of retrying at once
+                m.entry.last_scrub = {"started": started, "finished": time.time(), "reason": reason, "ok": False,
+                                      "error": str(e)}
+                await self._in_io(self.state.save_entry, m.entry)
             return
         finally:
             m.scrubbing = None
@@ -291,7 +295,9 @@ class Daemon(AlertHandling):
         self.event("bad_piece", logging.ERROR, id=m.entry.id, piece=piece, files=m.files_of_piece(piece))
         if not m.recheck_requested:
             m.recheck_requested = True
-            self.state.drop_resume(m.entry.id)  # first: a crash now must not resume from the old claim
+            # Through the one I/O thread, after any resume write queued before it: a crash now must not
+            # resume from the old claim. Resume data arriving later is not written (recheck_requested).
+            self._spawn(self._in_io(self.state.drop_resume, m.entry.id))
             m.handle.force_recheck()
 
     def _save_resume(self, m: Managed) -> None:

@@ -93,8 +93,9 @@ class AlertHandling:
     def _resume_written(self, m: Managed, params) -> None:
         files = self._resume_pending.pop(m.entry.id, None)
         self._resume_done.set()
-        if files is None or m.removed:
-            return  # asked for by libtorrent itself, or removed since: only our requests carry a fingerprint
+        if files is None or m.removed or m.recheck_requested:
+            # Asked for by libtorrent itself, removed since, or claiming a piece a scrub found bad.
+            return
         # Encoded now: an alert's contents are only valid until the next pop_alerts().
         self._spawn(self._write_resume(m, lt.write_resume_data_buf(params), files))
 

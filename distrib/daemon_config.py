@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from distrib.session import parse_endpoint
 from weightswarm.errors import InputError
+from weightswarm.units import check_limit, parse_bytes
 
 ENV_PREFIX = "WEIGHTSWARM_"
 
@@ -104,11 +105,20 @@ def _convert(name: str, value: Any, where: str) -> Any:
             return _bool(value)
         if kind == "int":
             if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            return _bytes(str(value)) if name.endswith(("_rate", "_body")) else int(str(value))
+                n = value
+            else:
+                n = _bytes(str(value)) if name.endswith(("_rate", "_body")) else int(str(value))
+            if name.endswith(("_rate", "_connections")):
+                check_limit(name, n)
+            elif n < 0:
+                raise ValueError("must not be negative")
+            return n
         if kind == "float":
-            return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            seconds = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
                 else _seconds(str(value))
+            if not 0 <= seconds < float("inf"):
+                raise ValueError("must be a finite, non-negative time")
+            return seconds
         if name in ("api", "listen"):
             parse_endpoint(str(value), f"{name} address")
         if name == "log_level" and str(value).lower() not in ("debug", "info", "warning", "error"):
@@ -130,15 +140,10 @@ def _bool(value: Any) -> bool:
 
 
 def _bytes(text: str) -> int:
-    from weightswarm.cli import parse_bytes  # here, not at the top: the CLI module imports this one
-
     try:
-        n = parse_bytes(text)
+        return parse_bytes(text)
     except InputError as e:
         raise ValueError(e.problem) from None
-    if n < 0:
-        raise ValueError("must not be negative")
-    return n
 
 
 def _seconds(text: str) -> float:

@@ -24,6 +24,8 @@ from weightswarm.errors import FormatError, InputError
 FORMAT = "weightswarm-manifest"
 VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
+_FIELDS = {"files": {"path": str, "size": int, "blake3": str},
+           "tensors": {"name": str, "file": str, "dtype": str, "shape": list, "blake3": str}}
 
 
 def manifest_bytes(manifest: dict) -> bytes:
@@ -66,7 +68,10 @@ def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int 
         digests = list(pool.map(lambda rel: hash_file(root / rel, "blake3"), rels))
     manifest = {"format": FORMAT, "version": VERSION}
     if (root / "params.json").is_file():
-        manifest["params"] = json.loads((root / "params.json").read_text())
+        try:
+            manifest["params"] = json.loads((root / "params.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(root / "params.json", f"not valid JSON: {e}") from None
     manifest["files"] = [{"path": rel, "size": (root / rel).stat().st_size, "blake3": d}
                          for rel, d in zip(rels, digests)]
     if tensors:
@@ -88,11 +93,18 @@ def load_manifest(path: str | os.PathLike) -> dict:
         raise FormatError(path, f"not a {FORMAT} file")
     if m.get("version") != VERSION:
         raise FormatError(path, f"manifest version {m.get('version')!r} is not supported (this reads {VERSION})")
-    for key, fields in (("files", ("path", "size", "blake3")), ("tensors", ("name", "file", "dtype", "shape", "blake3"))):
+    for key, fields in _FIELDS.items():
         entries = m.get(key, [])
-        if not isinstance(entries, list) or not all(isinstance(e, dict) and all(f in e for f in fields)
-                                                    for e in entries):
-            raise FormatError(path, f"'{key}' must be a list of objects with {', '.join(fields)}")
+        if not isinstance(entries, list) or not all(
+                isinstance(e, dict) and all(isinstance(e.get(f), t) and not isinstance(e.get(f), bool)
+                                            for f, t in fields.items()) for e in entries):
+            shown = ", ".join(f"{f} ({t.__name__})" for f, t in fields.items())
+            raise FormatError(path, f"'{key}' must be a list of objects with {shown}")
+    from runner.tensorfile import DTYPES
+
+    for e in m.get("tensors", []):
+        if e["dtype"] not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in e["shape"]):
+            raise FormatError(path, f"{e['name']}: bad dtype or shape")
     return m
 
 
@@ -102,7 +114,6 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
     present files against its blake3, then (with ``source``) the source's tensors against the same hashes."""
     root = Path(root)
     m = load_manifest(manifest_path)
-    present: set[str] = set()
 
     def check_file(e: dict) -> Finding:
         path = confined(root, e["path"], manifest_path)
@@ -111,13 +122,15 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
         if not path.is_file() or path.stat().st_size != e["size"]:
             return Finding("manifest", e["path"], False, f"size {path.stat().st_size}, manifest says {e['size']}")
         got = hash_file(path, "blake3")
-        present.add(e["path"])
         return Finding("manifest", e["path"], got == e["blake3"],
                        "blake3 ok" if got == e["blake3"] else f"blake3 mismatch: expected {e['blake3']}, got {got}")
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         findings = list(pool.map(check_file, m["files"]))
-    entries = [e for e in m.get("tensors", []) if (root / e["file"]).exists()]
+    # Tensors of the files that are here and intact: a corrupt file is already named above, and its
+    # header may not even parse.
+    intact = {f.path for f in findings if f.ok and not f.absent}
+    entries = [e for e in m.get("tensors", []) if e["file"] in intact]
     findings += _tensor_findings("tensor", entries, _refs_in(root, entries, manifest_path))
     if source is not None:
         findings += _source_findings(Path(source), m.get("tensors", []))
@@ -126,12 +139,11 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
 
 def _refs_in(root: Path, entries: list[dict], manifest_path) -> Iterator[Callable[[], bytes] | None]:
     """A reader of each entry's bytes in the folder's files (None when the file lacks the tensor)."""
-    refs: dict = {}
-    current = None
+    index: dict[str, dict] = {}  # file -> its tensors: headers are small, parse each file once
     for e in entries:
-        if e["file"] != current:  # entries are grouped by file: keep one file's index at a time
-            current, refs = e["file"], file_tensors(confined(root, e["file"], manifest_path))
-        ref = refs.get(e["name"])
+        if e["file"] not in index:
+            index[e["file"]] = file_tensors(confined(root, e["file"], manifest_path))
+        ref = index[e["file"]].get(e["name"])
         yield ref.read if ref is not None else None
 
 
@@ -144,7 +156,11 @@ def _tensor_findings(check: str, entries: list[dict], readers: Iterable[Callable
         if read is None:
             out.append(Finding(check, e["name"], False, f"not in {where or e['file']}"))
             continue
-        got = tensor_hash(read())
+        try:
+            got = tensor_hash(read())
+        except FormatError as err:  # truncated under a valid header: a finding, not the end of the report
+            out.append(Finding(check, e["name"], False, err.problem))
+            continue
         ok = got == e["blake3"]
         place = where or e["file"]
         out.append(Finding(check, e["name"], ok, f"blake3 ok ({place})" if ok else

@@ -16,18 +16,7 @@ import click
 from weightswarm.console import Reporter, human, print_report
 from weightswarm.errors import InputError, VerificationError, WeightswarmError
 from weightswarm.interrupt import Stop, install_stop_signals
-
-BYTES_SUFFIX = {"k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_bytes(text: str) -> int:
-    """``4096``, ``16k``, ``8m``, ``1g`` (binary units)."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        return int(float(t[:-1]) * BYTES_SUFFIX[t[-1]]) if t and t[-1] in BYTES_SUFFIX else int(t)
-    except (ValueError, OverflowError):
-        raise InputError(text, "not a byte count (e.g. 65536, 16k, 8m, 1g)") from None
-
+from weightswarm.units import parse_bytes, parse_limit
 
 def handle_errors(fn):
     """Every command: one ``Error: <path>: <problem>`` line and its exit status, traceback only with --verbose."""
@@ -45,6 +34,8 @@ def handle_errors(fn):
             sys.exit(130)
         except OSError as e:
             _fail(verbose, f"{e.filename or 'I/O'}: {e.strerror or e}", None, 2)
+        except Exception as e:  # a bug of ours: still one line, the traceback only on request
+            _fail(verbose, f"internal error: {type(e).__name__}: {e}", "run with --verbose for the traceback", 2)
 
     return wrapper
 
@@ -62,8 +53,8 @@ def session_options(listen: str, no_dht: bool, up: str | None = None, down: str 
     from distrib.session import SessionOptions, parse_endpoint  # libtorrent only for the commands that need it
 
     parse_endpoint(listen, "listen address")
-    return SessionOptions(listen=listen, dht=not no_dht, upload_rate=parse_bytes(up) if up else 0,
-                          download_rate=parse_bytes(down) if down else 0)
+    return SessionOptions(listen=listen, dht=not no_dht, upload_rate=parse_limit("--max-upload-rate", up) if up else 0,
+                          download_rate=parse_limit("--max-download-rate", down) if down else 0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -357,14 +348,14 @@ def export(src: Path, output: Path, fmt: str, shard_size: str) -> None:
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", help="Text prompt, through MODEL_DIR/tokenizer.model (BOS first).")
 @click.option("--tokens", metavar="IDS", help="Comma-separated token ids instead of a prompt (1,415,2936).")
-@click.option("--max-new-tokens", type=click.IntRange(0), default=16, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--reference", type=click.Path(path_type=Path),
               help="The original checkpoint (any layout): logits must agree, bit for bit in float32.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32", "float16"]),
               help="Default: the checkpoint's (bf16 loads without a copy); float32 for a bit-exact reference.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @handle_errors
@@ -373,6 +364,9 @@ def smoke(model_dir: Path, prompt, tokens, max_new_tokens, reference, device, dt
     """Assemble the model from MODEL_DIR and prove it runs right: generation, KV cache, routing, reference."""
     from runner.smoke import parse_tokens, print_report
     from runner.smoke import smoke as run_smoke
+
+    if temperature != temperature:  # NaN slips through FloatRange
+        raise InputError("--temperature", "must be a number")
 
     result = run_smoke(model_dir, prompt=prompt, tokens=parse_tokens(tokens) if tokens else None,
                        max_new_tokens=max_new_tokens, reference=reference, device=device, dtype=dtype, seed=seed,

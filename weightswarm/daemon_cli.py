@@ -107,7 +107,7 @@ def add(cfg: DaemonConfig, torrent: str, save_path: str, max_upload_rate, max_do
     """Register TORRENT (a .torrent file or a magnet URI) with the running daemon."""
     import aiohttp
 
-    from weightswarm.cli import parse_bytes
+    from weightswarm.units import parse_limit
 
     form = aiohttp.FormData()
     if torrent.startswith("magnet:"):
@@ -121,8 +121,8 @@ def add(cfg: DaemonConfig, torrent: str, save_path: str, max_upload_rate, max_do
     if Path(save_path).is_absolute() and cfg.data and Path(save_path).resolve().is_relative_to(cfg.data.resolve()):
         save_path = Path(save_path).resolve().relative_to(cfg.data.resolve()).as_posix()
     form.add_field("save_path", save_path)
-    for key, value in (("upload_rate", max_upload_rate and parse_bytes(max_upload_rate)),
-                       ("download_rate", max_download_rate and parse_bytes(max_download_rate)),
+    for key, value in (("upload_rate", max_upload_rate and parse_limit("--max-upload-rate", max_upload_rate)),
+                       ("download_rate", max_download_rate and parse_limit("--max-download-rate", max_download_rate)),
                        ("max_connections", max_connections)):
         if value is not None:
             form.add_field(key, str(value))
