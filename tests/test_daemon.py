@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 from conftest import LOOPBACK, flip_byte, run_ws, tree_bytes
 from daemon_util import Daemon, place
@@ -94,12 +93,10 @@ def test_scrub_finds_a_flipped_byte_takes_the_piece_out_of_service_and_fetches_i
     assert code == 202 and body["scrub"] == "queued"
     assert d.request("POST", f"/v1/torrents/{ih}/scrub")[0] == 409  # one at a time
     d.event("scrub_started", ih)
-    t0 = time.monotonic()
     code, health, _ = d.request("GET", "/healthz", token=None)
-    answered = time.monotonic() - t0
     assert code == 200 and health["ok"]
+    # Answered, and the status asked next still shows the scrub running: the API is served beside it.
     assert d.status(ih)["scrub"] is not None, "the scrub ended before /healthz answered"
-    assert answered < 2.0  # generous: the point is that hashing never blocks the event loop
 
     bad = d.event("bad_piece", ih)
     finished = d.event("scrub_finished", ih)

@@ -9,6 +9,7 @@ here is stopped on the way out, also on Ctrl-C or failure.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -35,8 +36,6 @@ class Demo:
                  show: Callable[[str], None]):
         if leechers < 1:
             raise InputError(str(leechers), "--leechers must be at least 1")
-        if not workdir.parent.is_dir():
-            raise InputError(workdir.parent, "no such folder")
         self.work, self.leechers, self.preset, self.seed_rate, self.show = workdir, leechers, preset, seed_rate, show
         self.data = workdir / "data"  # the daemon's root: everything it serves lies below
         self.release = self.data / "release" / "mixtral-demo"
@@ -66,8 +65,10 @@ class Demo:
             nbytes, detail, ok = *fn(), True
         except InputError:
             raise
-        except (WeightswarmError, OSError) as e:
+        except WeightswarmError as e:
             nbytes, detail, ok = 0, str(e), False
+        except Exception as e:  # whatever broke, the stage fails and the summary is still printed
+            nbytes, detail, ok = 0, f"{type(e).__name__}: {e}", False
         self.stages.append(Stage(name, round(time.monotonic() - t0, 2), nbytes, ok, detail))
         return ok
 
@@ -88,6 +89,7 @@ class Demo:
         return sum(p.stat().st_size for p in files), f"{len(files)} files in the Mixtral layout ({self.preset} preset)"
 
     def start_daemon(self) -> tuple[int, str]:
+        shutil.rmtree(self.work / "state", ignore_errors=True)  # a rerun with --keep registers afresh
         self.daemon = WsProcess("daemon", "--data", self.data, "--state", self.work / "state", "--api", "127.0.0.1:0",
                                 *LOOPBACK, "--json", "--max-upload-rate", self.seed_rate, "--scrub-interval", "0",
                                 name="daemon", stderr_path=self.work / "daemon.log")
@@ -198,6 +200,8 @@ class Demo:
 def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",
              timeout: float = 300, show: Callable[[str], None] = print) -> list[Stage]:
     """Run the stages in order until one fails; returns their results."""
+    if not workdir.parent.is_dir():
+        raise InputError(workdir.parent, "no such folder")
     workdir.mkdir(exist_ok=True)
     return Demo(workdir, leechers, preset, seed_rate, timeout, show).run()
 
