@@ -82,10 +82,10 @@ def check_per_expert_files(root: Path) -> None:
                 raise FormatError(path, "missing: the per-expert layout needs every expert's file to run")
 
 
-def tensor_for(t: CanonTensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+def tensor_for(t: CanonTensor, device: torch.device, dtype: torch.dtype | None, maps: dict) -> torch.Tensor:
     """One canonical tensor on device in dtype: mapped without a copy when nothing needs to change."""
     src_dtype = DTYPES[t.dtype]
-    x = t.ref.mapped() if t.ref is not None else t.load()  # transformed tensors (HF q/k, stacked) are read
+    x = t.ref.mapped(maps) if t.ref is not None else t.load()  # transformed tensors (HF q/k, stacked) are read
     want = dtype or src_dtype
     if want == src_dtype and device.type == "cpu":
         return x
@@ -98,8 +98,10 @@ def build_model(layout: Layout, device: str | torch.device = "cpu",
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(layout.params)
-    state = {name: tensor_for(t, device, dtype) for name, t in layout.tensors.items()}
+    maps: dict = {}  # this model's own file maps: its weights are private to it
+    state = {name: tensor_for(t, device, dtype, maps) for name, t in layout.tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
+    model.file_maps = maps  # path -> the model's copy-on-write map of that file (its weights point into them)
     return model.eval().requires_grad_(False)
 
 

@@ -14,7 +14,6 @@ import mmap
 import os
 import pickle
 import struct
-import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,16 +67,18 @@ class TensorRef:
             return torch.empty(shape, dtype=DTYPES[self.dtype])
         return torch.frombuffer(data, dtype=DTYPES[self.dtype]).reshape(shape)
 
-    def mapped(self) -> torch.Tensor:
+    def mapped(self, maps: dict | None = None) -> torch.Tensor:
         """This tensor as a view of a private (copy-on-write) memory map of its file: nothing is read or
         copied until a page is touched, and those pages are the page cache's, shared with other readers.
-        Split files (a tensor may cross parts) are read instead. Writes to it never reach the file."""
+        Split files (a tensor may cross parts) are read instead. Writes to it never reach the file.
+        ``maps`` (path -> map) lets the tensors of one model share one map per file (one file descriptor
+        each); two models must not share one, or a write to one would show in the other."""
         if not self.path.is_file():
             return self.tensor()
         dtype = DTYPES[self.dtype]
         if not self.nbytes:  # frombuffer refuses an empty range
             return torch.empty(self.shape, dtype=dtype)
-        mm = _file_map(self.path)
+        mm = _file_map(self.path, {} if maps is None else maps)
         if self.offset + self.nbytes > len(mm):  # a mapped page past the end would be SIGBUS, not an error
             raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
                                          f"{self.offset}, the file has {len(mm)}")
@@ -113,19 +114,13 @@ class TensorRef:
         return buf
 
 
-# One map per file, shared by its tensors while any is alive (each map holds a file descriptor).
-_MAPS: "weakref.WeakValueDictionary[tuple, mmap.mmap]" = weakref.WeakValueDictionary()
-
-
-def _file_map(path: Path) -> mmap.mmap:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file gets a new map
-    mm = _MAPS.get(key)
+def _file_map(path: Path, maps: dict) -> mmap.mmap:
+    mm = maps.get(path)
     if mm is None:
-        if not st.st_size:
+        if not path.stat().st_size:
             raise FormatError(path, "empty file")
         with open(path, "rb") as f:
-            mm = _MAPS[key] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            mm = maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     return mm
 
 
