@@ -122,11 +122,12 @@ class AlertHandling:
             del self.torrents[m.entry.id]
             m.removed = True
             self.ses.remove_torrent(m.handle)
-            self.state.remove(m.entry.id)
+            self._spawn(self._in_io(self.state.remove, m.entry.id))
             return
         m.torrent = torrent
         m.entry.name = torrent.name
-        self.state.save_torrent(m.entry.id, data)
-        self.state.save_entry(m.entry)
+        # On the one I/O thread, in order: fsyncs must not stall the event loop (and the API).
+        self._spawn(self._in_io(self.state.save_torrent, m.entry.id, data))
+        self._spawn(self._in_io(self.state.save_entry, m.entry))
         m.handle.unset_flags(lt.torrent_flags.upload_mode)
         self.event("metadata", id=m.entry.id, name=torrent.name)

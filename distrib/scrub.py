@@ -144,7 +144,9 @@ def _v2_piece_hashes(torrent: Torrent) -> dict[int, tuple[bytes, int]]:
 def _v2_ok(body: bytes, expected: tuple[bytes, int] | None) -> bool:
     """In v2 a piece lies inside one file; its hash covers that file's bytes only (BEP 52)."""
     if expected is None:
-        return False
+        # No piece layer to compare with (a v2-only magnet's metadata carries none): unverifiable, not
+        # bad, or every scrub would force a needless full re-check. v1 hashes, where present, still apply.
+        return True
     leaves = [hashlib.sha256(body[i:i + BLOCK]).digest() for i in range(0, len(body), BLOCK)]
     return merkle_root(leaves, expected[1]) == expected[0]
 

@@ -117,7 +117,8 @@ def _prepare(out: Path, layout: Layout, opts: ConvertOptions) -> Path:
         same_job = (work / "job.json").is_file() and json.loads((work / "job.json").read_text()) == job
         if not same_job:
             if any(p.name != WORK for p in out.iterdir()):
-                raise InputError(out, "already exists and is not empty", hint="choose a new folder")
+                raise InputError(out, "already exists and is not empty",
+                                 hint="choose a new folder (a rerun resumes only the same source and options)")
             shutil.rmtree(work, ignore_errors=True)  # an interrupted run of another job
     (work / "done").mkdir(parents=True, exist_ok=True)
     (work / "files").mkdir(exist_ok=True)
@@ -134,6 +135,10 @@ def _fingerprint(layout: Layout) -> dict:
 def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
     done = work / "done" / (rel.replace("/", "__") + ".json")
     dest = work / "files" / rel
+    moved = work.parent / rel  # an earlier run may have died while moving finished files into place
+    if done.is_file() and moved.is_file() and not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(moved, dest)
     if done.is_file() and dest.is_file():
         result = json.loads(done.read_text())
         if result["size"] == dest.stat().st_size:

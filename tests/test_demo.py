@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 from conftest import run_ws
 
@@ -24,6 +25,9 @@ def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):
     assert sorted(p.name for p in (served / "experts").iterdir()) == ["expert-00.safetensors", "expert-03.safetensors"]
     assert "6 absent" in summary["stages"][5]["detail"]
     assert "max |diff| 0.0" in summary["stages"][6]["detail"]
+    # Every process the demo started is gone (daemon, fetchers, serving node).
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
+    assert left == []
 
 
 def test_demo_cleans_up_without_keep(tmp_path):

@@ -18,12 +18,12 @@ import blake3
 from verify.hashing import hash_file
 from verify.paths import confined
 from verify.report import Finding
+from verify.structure import WEIGHT_SUFFIXES
 from weightswarm import interrupt
 from weightswarm.errors import FormatError, InputError
 
 FORMAT = "weightswarm-manifest"
 VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt")
 _FIELDS = {"files": {"path": str, "size": int, "blake3": str},
            "tensors": {"name": str, "file": str, "dtype": str, "shape": list, "blake3": str}}
 
@@ -127,10 +127,9 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         findings = list(pool.map(check_file, m["files"]))
-    # Tensors of the files that are here and intact: a corrupt file is already named above, and its
-    # header may not even parse.
-    intact = {f.path for f in findings if f.ok and not f.absent}
-    entries = [e for e in m.get("tensors", []) if e["file"] in intact]
+    # Tensors of every file that is here, corrupt ones too: the finding then names the changed tensor.
+    present = {f.path for f in findings if not f.absent}
+    entries = [e for e in m.get("tensors", []) if e["file"] in present]
     findings += _tensor_findings("tensor", entries, _refs_in(root, entries, manifest_path))
     if source is not None:
         findings += _source_findings(Path(source), m.get("tensors", []))
@@ -139,12 +138,25 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
 
 def _refs_in(root: Path, entries: list[dict], manifest_path) -> Iterator[Callable[[], bytes] | None]:
     """A reader of each entry's bytes in the folder's files (None when the file lacks the tensor)."""
-    index: dict[str, dict] = {}  # file -> its tensors: headers are small, parse each file once
+    index: dict[str, dict | FormatError] = {}  # file -> its tensors: parse each header once
     for e in entries:
         if e["file"] not in index:
-            index[e["file"]] = file_tensors(confined(root, e["file"], manifest_path))
-        ref = index[e["file"]].get(e["name"])
+            try:
+                index[e["file"]] = file_tensors(confined(root, e["file"], manifest_path))
+            except FormatError as err:  # a header broken beyond reading: each of its tensors says so
+                index[e["file"]] = err
+        refs = index[e["file"]]
+        if isinstance(refs, FormatError):
+            yield _raiser(refs)
+            continue
+        ref = refs.get(e["name"])
         yield ref.read if ref is not None else None
+
+
+def _raiser(err: FormatError) -> Callable[[], bytes]:
+    def read() -> bytes:
+        raise err
+    return read
 
 
 def _tensor_findings(check: str, entries: list[dict], readers: Iterable[Callable[[], bytes] | None],
