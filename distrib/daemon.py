@@ -276,13 +276,14 @@ class Daemon(AlertHandling):
             return
         finally:
             m.scrubbing = None
+        if m.removed:  # removed while it ran (maybe with its data): nothing to count or report
+            return
         result = {"started": started, "finished": time.time(), "reason": reason, **res.report()}
         self.counters["scrubs_ok" if result["ok"] else "scrubs_corrupt"] += 1
         self.counters["scrub_bytes"] += res.bytes
         self.counters["scrub_manifest_mismatches"] += len(res.manifest_mismatches)
-        if not m.removed:
-            m.entry.last_scrub = result
-            await self._in_io(self.state.save_entry, m.entry)
+        m.entry.last_scrub = result
+        await self._in_io(self.state.save_entry, m.entry)
         self.event("scrub_finished", logging.INFO if result["ok"] else logging.ERROR, id=m.entry.id, **result)
 
     def _bad_piece(self, m: Managed, piece: int) -> None:

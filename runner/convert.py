@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from runner.layouts import CanonTensor, Layout, open_layout
-from runner.tensorfile import DTYPES, TORCH_TO_CODE, write_safetensors
+from runner.tensorfile import DTYPES, FLOAT_NAMES, TORCH_TO_CODE, write_safetensors
 from verify.hashing import hash_file
 from verify.manifest import FORMAT, VERSION, manifest_bytes
 from weightswarm.atomic import atomic_write_bytes, fsync_dir
@@ -25,7 +25,6 @@ from weightswarm.errors import InputError
 
 WORK = ".convert"  # the temp folder inside OUT; a rerun finishes or cleans it
 GRANULARITIES = ("expert", "layer-expert")
-DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 _EXPERT = re.compile(r"^layers\.(\d+)\.feed_forward\.experts\.(\d+)\.w[123]\.weight$")
 
 
@@ -37,8 +36,8 @@ class ConvertOptions:
     def check(self) -> None:
         if self.granularity not in GRANULARITIES:
             raise InputError(self.granularity, f"unknown granularity (choose from {', '.join(GRANULARITIES)})")
-        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
-            raise InputError(self.dtype, f"unknown dtype (choose from {', '.join(DTYPE_NAMES)})")
+        if self.dtype is not None and self.dtype not in FLOAT_NAMES:
+            raise InputError(self.dtype, f"unknown dtype (choose from {', '.join(FLOAT_NAMES)})")
 
 
 def output_file(name: str, granularity: str = "expert") -> str:
@@ -144,7 +143,7 @@ def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: Conver
         if result["size"] == dest.stat().st_size:
             progress(sum(t.nbytes for t in tensors))
             return result  # finished by an earlier, interrupted run
-    code = DTYPE_NAMES.get(opts.dtype) if opts.dtype else None
+    code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
     plan = [(t.name, code or t.dtype, t.shape) for t in tensors]
 
     def stream():
@@ -176,7 +175,7 @@ def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonT
     entries = [{"path": rel, "size": r["size"], "blake3": r["blake3"]} for rel, r in results.items()]
     entries += [{"path": rel, "size": (out / rel).stat().st_size, "blake3": hash_file(out / rel, "blake3")}
                 for rel in copied]
-    code = DTYPE_NAMES.get(opts.dtype) if opts.dtype else None
+    code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
     tensors = [{"name": t.name, "file": rel, "dtype": code or t.dtype, "shape": list(t.shape),
                 "blake3": results[rel]["tensors"][t.name]}
                for rel, ts in files.items() for t in ts]

@@ -38,7 +38,7 @@ def _hf(layout: Layout, dest: Path, shard_bytes: int) -> list[Path]:
     shards: list[list] = [[]]
     size = 0
     for t in layout.tensors.values():
-        nbytes = _nbytes(t)
+        nbytes = t.nbytes
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -51,7 +51,7 @@ def _hf(layout: Layout, dest: Path, shard_bytes: int) -> list[Path]:
         write_safetensors(dest / name, plan, (_to_hf(t, args) for t in tensors), metadata={"format": "pt"})
         weight_map.update({hf: name for hf, _, _ in plan})
         written.append(dest / name)
-    index = {"metadata": {"total_size": sum(_nbytes(t) for t in layout.tensors.values())},
+    index = {"metadata": {"total_size": sum(t.nbytes for t in layout.tensors.values())},
              "weight_map": dict(sorted(weight_map.items()))}
     dtype = next(iter(layout.tensors.values())).dtype
     written.append(atomic_write_bytes(dest / "model.safetensors.index.json", _json(index)))
@@ -77,15 +77,6 @@ def _consolidated(layout: Layout, dest: Path) -> list[Path]:
         torch.save(state, f)
     params = atomic_write_bytes(dest / "params.json", (json.dumps(layout.params.to_dict()) + "\n").encode())
     return [dest / "consolidated.00.pth", params]
-
-
-def _nbytes(t) -> int:
-    from runner.tensorfile import DTYPES
-
-    n = DTYPES[t.dtype].itemsize
-    for d in t.shape:
-        n *= d
-    return n
 
 
 def _json(obj: dict) -> bytes:

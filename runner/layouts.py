@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from runner.config import ModelArgs, MoeArgs
-from runner.tensorfile import TensorRef, safetensors_refs, torch_zip_refs
+from runner.tensorfile import FLOAT_NAMES, TensorRef, safetensors_refs, torch_zip_refs
 from verify.splits import split_parts
 from verify.structure import ITEMSIZE
 from weightswarm.errors import FormatError
@@ -112,7 +112,7 @@ def unpermute_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 # --- config.json <-> params ----------------------------------------------------------------------
 
-_TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+_TORCH_NAME = {code: name for name, code in FLOAT_NAMES.items()}
 
 
 def params_from_hf_config(config: dict, path: str | os.PathLike = "config.json") -> ModelArgs:

@@ -14,13 +14,13 @@ import torch
 from runner.config import ModelArgs
 from runner.layouts import CanonTensor, Layout, open_layout
 from runner.model import Transformer
-from runner.tensorfile import DTYPES
+from runner.tensorfile import DTYPES, FLOAT_NAMES
 from verify.hashing import hash_file
 from verify.manifest import load_manifest
 from verify.paths import confined
 from weightswarm.errors import FormatError, InputError
 
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_NAMES = {name: DTYPES[code] for name, code in FLOAT_NAMES.items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -34,6 +34,8 @@ DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64,
 }
 TORCH_TO_CODE: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+# The floating dtypes users name on the command line (--dtype) and in config.json, as codes.
+FLOAT_NAMES: dict[str, str] = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 BIG = 1 << 20  # tensors above this are hashed with blake3's threads
 
 
