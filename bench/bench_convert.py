@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine, warm
 
 TIME = "/usr/bin/time"
 SIZE = {"1g": 1.05e9, "4g": 4.2e9}  # checkpoint bytes of each preset (runner/synth.py)
@@ -76,14 +77,6 @@ def release(work: Path, preset: str) -> tuple[Path | None, bool]:
     return rel, True
 
 
-def warm(rel: Path) -> int:
-    """Read every file once (page cache); returns the payload size."""
-    total = 0
-    for p in sorted(rel.iterdir()):
-        with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(8 << 20):
-                total += len(chunk)
-    return total
 
 
 def largest_tensor(manifest: Path) -> tuple[str, int]:
@@ -150,8 +143,7 @@ def main() -> None:
     need_tools()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, Python "
-          f"{platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}")
+    print(machine())
     _, base, _ = run([sys.executable, "-c", "import weightswarm.cli, runner.convert, torch"])
     print(f"interpreter baseline (python -c 'import weightswarm.cli, runner.convert, torch'): "
           f"peak RSS {base / 1e6:.0f} MB")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import time
 import uuid
 from pathlib import Path
+
+from common import machine, warm
 from urllib.parse import urlparse
 
 from weightswarm.procs import WsProcess
@@ -55,13 +56,6 @@ def setup(work: Path, preset: str) -> tuple[Path, Path, Path]:
     return data, rel, torrent
 
 
-def warm(rel: Path) -> int:
-    total = 0
-    for p in sorted(rel.iterdir()):
-        with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(8 << 20):
-                total += len(chunk)
-    return total
 
 
 class Daemon:
@@ -149,8 +143,7 @@ def main() -> None:
     size = warm(rel)
     print(f"release: {rel} ({size / 1e9:.2f} GB, {t.info.num_pieces()} pieces of {t.info.piece_length() >> 20} MiB, "
           f"hybrid); page cache warmed")
-    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
-          f"{platform.python_version()}, load {os.getloadavg()[0]:.2f}")
+    print(machine())
     rounds = [one_round(data, work / "daemon-state", torrent, t.info_hash) for _ in range(args.repeat)]
     print(f"\n| measurement ({size / 1e9:.2f} GB) | best of {args.repeat} | median |\n|---|---|---|")
     for key in rounds[0]:

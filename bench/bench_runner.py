@@ -26,11 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runner.convert import convert  # noqa: E402
-from runner.load import load_model, resolve_dtype  # noqa: E402
-from runner.model import KVCache  # noqa: E402
+from runner.convert import convert
+from runner.load import load_model, resolve_dtype
+from runner.model import KVCache
 
 
 def sync(device: torch.device) -> None:

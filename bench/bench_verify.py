@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine, warm
 
 BASELINE_TOOLS = {"sha1sum": "coreutils", "sha256sum": "coreutils", "md5sum": "coreutils", "b3sum": "b3sum"}
 
@@ -58,17 +59,6 @@ def setup(work: Path, preset: str) -> tuple[Path, bool]:
     return rel, made
 
 
-def warm(rel: Path) -> int:
-    """Read every file once (page cache); returns the payload size."""
-    total, t = 0, time.perf_counter()
-    for p in sorted(rel.iterdir()):
-        with open(p, "rb", buffering=0) as f:
-            while chunk := f.read(8 << 20):
-                total += len(chunk)
-    dt = time.perf_counter() - t
-    print(f"page cache warmed: read {total / 1e9:.2f} GB in {dt:.2f} s ({total / 1e9 / dt:.2f} GB/s); "
-          "timings below measure hashing, not the disk")
-    return total
 
 
 def rows(work: Path, rel: Path) -> list[tuple[str, list[str], Path | None, tuple[str, ...]]]:
@@ -108,8 +98,7 @@ def main() -> None:
     need_tools()
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-          f"Python {platform.python_version()}, load average at start {os.getloadavg()[0]:.2f}")
+    print(machine())
     rel, made = setup(work, args.preset)
     total = warm(rel)
     table = rows(work, rel)
