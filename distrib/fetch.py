@@ -113,6 +113,7 @@ class Fetcher:
         self.selected: list[str] = select_files(self.torrent, opts.only) if self.torrent else []
         self.ses: lt.session | None = None
         self.handle: lt.torrent_handle | None = None
+        self.sources: dict[str, int] = {}  # "host:port" -> payload bytes received from that peer
 
     def __enter__(self) -> "Fetcher":
         check_output(self.opts.output)
@@ -163,7 +164,9 @@ class Fetcher:
         self._flush()
         seconds = time.monotonic() - start
         downloaded = h.status().total_payload_download
-        self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3)})
+        self._note_sources()
+        self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3),
+                   "sources": dict(sorted(self.sources.items()))})
         return FetchResult(self.torrent.root(self.opts.output), self.selected, self._piece_findings())
 
     def _piece_findings(self) -> list[Finding]:
@@ -264,7 +267,14 @@ class Fetcher:
         except RuntimeError:
             pass  # still checking files; retried on torrent_checked_alert and while no peer is connected
 
+    def _note_sources(self) -> None:
+        """Payload bytes received per peer address (the largest count seen: peers come and go)."""
+        for p in self.handle.get_peer_info():
+            key = f"{p.ip[0]}:{p.ip[1]}"
+            self.sources[key] = max(self.sources.get(key, 0), p.total_download)
+
     def _progress(self, st) -> dict:
+        self._note_sources()
         return {"event": "progress", "state": str(st.state), "done": st.total_wanted_done,
                 "wanted": st.total_wanted, "download_rate": st.download_payload_rate,
                 "upload_rate": st.upload_payload_rate, "peers": st.num_peers, "seeds": st.num_seeds,

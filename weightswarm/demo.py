@@ -135,6 +135,12 @@ class Demo:
                 self.nodes[0].proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
+        daemon = f"127.0.0.1:{self.daemon.port}"  # the nodes dial it, so they know it by its listen port
+        for n in self.nodes:
+            fin = n.last["finished"]
+            from_daemon = fin["sources"].get(daemon, 0)
+            self.show(f"  {n.name}: {_mb(fin['downloaded'])}, {_mb(from_daemon)} from the daemon, "
+                      f"{_mb(max(0, fin['downloaded'] - from_daemon))} from other nodes")
         got, from_seed = sum(n.last["finished"]["downloaded"] for n in self.nodes), self.sent()
         return got, (f"{self.leechers} nodes got {_mb(got)}: {_mb(from_seed)} from the daemon, "
                      f"{_mb(max(0, got - from_seed))} from each other")
