@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from runner.layouts import Layout, hf_config_from_params, mistral_to_hf, open_layout, permute_for_hf
 from runner.tensorfile import write_safetensors
-from weightswarm.atomic import atomic_open, atomic_write_bytes
+from weightswarm.atomic import atomic_open, atomic_write_bytes, fsync_dir
 from weightswarm.errors import InputError
 
 FORMATS = ("hf", "consolidated")
@@ -23,13 +24,29 @@ def export(src: str | os.PathLike, dest: str | os.PathLike, fmt: str = "hf",
     dest = Path(dest)
     if not dest.parent.is_dir():
         raise InputError(dest.parent, "output parent folder does not exist")
+    if dest.exists() and not dest.is_dir():
+        raise InputError(dest, "exists and is not a folder")
     if dest.exists() and any(dest.iterdir()):
         raise InputError(dest, "already exists and is not empty")
-    dest.mkdir(exist_ok=True)
-    written = _hf(layout, dest, shard_bytes) if fmt == "hf" else _consolidated(layout, dest)
-    if layout.tokenizer is not None:
-        written.append(atomic_write_bytes(dest / "tokenizer.model", layout.tokenizer.read_bytes()))
-    return written
+    # Built in a hidden folder inside DEST and moved up at the end: a failed export leaves no half layout,
+    # and nothing is written outside DEST.
+    created = not dest.exists()
+    work = dest / ".export"
+    work.mkdir(parents=True)
+    try:
+        written = _hf(layout, work, shard_bytes) if fmt == "hf" else _consolidated(layout, work)
+        if layout.tokenizer is not None:
+            written.append(atomic_write_bytes(work / "tokenizer.model", layout.tokenizer.read_bytes()))
+        for p in written:
+            os.replace(p, dest / p.name)
+        work.rmdir()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        if created:
+            dest.rmdir()
+        raise
+    fsync_dir(dest)
+    return [dest / p.name for p in written]
 
 
 def _hf(layout: Layout, dest: Path, shard_bytes: int) -> list[Path]:
