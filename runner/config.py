@@ -1,11 +1,11 @@
 """Model hyper-parameters read from Mistral's params.json, and the tensors they imply."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from weightswarm.errors import FormatError
+from weightswarm.jsonfile import read_json
 
 # Mixtral's params.json omits rope_theta although the model was trained with 1e6; dense Mistral uses 1e4.
 MOE_ROPE_THETA = 1e6
@@ -63,13 +63,7 @@ class ModelArgs:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelArgs":
-        try:
-            d = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise FormatError(path, "no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(path, f"not valid JSON: {e}") from None
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json(path), path)
 
     def check(self, path: str | Path = "params.json") -> None:
         ints = [getattr(self, k) for k in _REQUIRED if k != "norm_eps"]

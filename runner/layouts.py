@@ -5,7 +5,6 @@ open_layout(src) detects the layout, checks every tensor's presence and shape ag
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from runner.tensorfile import FLOAT_NAMES, TensorRef, safetensors_refs, torch_zi
 from verify.splits import split_parts
 from verify.structure import ITEMSIZE
 from weightswarm.errors import FormatError
+from weightswarm.jsonfile import read_json
 
 KINDS = ("consolidated-pth", "consolidated-safetensors", "hf", "hf-stacked")
 HINT = ("expected one of: consolidated.00.pth (or its -splitN parts) + params.json; consolidated.safetensors "
@@ -218,18 +218,11 @@ def _params(path: Path) -> ModelArgs:
     return ModelArgs.load(path)
 
 
-def _load_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(path, f"not valid JSON: {e}") from None
-
-
 def _open_hf(root: Path, tokenizer: Path | None) -> Layout:
-    args = params_from_hf_config(_load_json(root / "config.json"), root / "config.json")
+    args = params_from_hf_config(read_json(root / "config.json"), root / "config.json")
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        data = _load_json(index)
+        data = read_json(index)
         wmap = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
             raise FormatError(index, "weight_map must map tensor names to shard file names")
@@ -271,7 +264,7 @@ def _open_stacked(root: Path, files: list[Path], tokenizer: Path | None) -> Layo
     if (root / "params.json").is_file():
         args, basis = ModelArgs.load(root / "params.json"), "params.json implies"
     elif (root / "config.json").is_file():
-        args = params_from_hf_config(_load_json(root / "config.json"), root / "config.json")
+        args = params_from_hf_config(read_json(root / "config.json"), root / "config.json")
         basis = "config.json implies"
     else:
         raise FormatError(root / "params.json", "no such file (nor config.json)",

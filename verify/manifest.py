@@ -21,6 +21,7 @@ from verify.report import Finding
 from verify.structure import WEIGHT_SUFFIXES
 from weightswarm import interrupt
 from weightswarm.errors import FormatError, InputError
+from weightswarm.jsonfile import read_json
 
 FORMAT = "weightswarm-manifest"
 VERSION = 1
@@ -68,10 +69,7 @@ def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int 
         digests = list(pool.map(lambda rel: hash_file(root / rel, "blake3"), rels))
     manifest = {"format": FORMAT, "version": VERSION}
     if (root / "params.json").is_file():
-        try:
-            manifest["params"] = json.loads((root / "params.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise FormatError(root / "params.json", f"not valid JSON: {e}") from None
+        manifest["params"] = read_json(root / "params.json")
     manifest["files"] = [{"path": rel, "size": (root / rel).stat().st_size, "blake3": d}
                          for rel, d in zip(rels, digests)]
     if tensors:
@@ -83,12 +81,7 @@ def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int 
 
 def load_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(path, f"not valid JSON: {e}") from None
+    m = read_json(path)
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise FormatError(path, f"not a {FORMAT} file")
     if m.get("version") != VERSION:
