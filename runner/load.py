@@ -82,32 +82,37 @@ def check_per_expert_files(root: Path) -> None:
                 raise FormatError(path, "missing: the per-expert layout needs every expert's file to run")
 
 
-def tensor_for(t: CanonTensor, device: torch.device, dtype: torch.dtype | None, maps: dict) -> torch.Tensor:
-    """One canonical tensor on device in dtype: mapped without a copy when nothing needs to change."""
-    src_dtype = DTYPES[t.dtype]
+def tensor_for(t: CanonTensor, device: torch.device, dtype: torch.dtype | None, maps: dict,
+               copy: bool = False) -> torch.Tensor:
+    """One canonical tensor on device in dtype: mapped without a copy when nothing needs to change, unless
+    ``copy`` asks for a private one in memory the allocator aligned."""
     x = t.ref.mapped(maps) if t.ref is not None else t.load()  # transformed tensors (HF q/k, stacked) are read
-    want = dtype or src_dtype
-    if want == src_dtype and device.type == "cpu":
-        return x
-    return x.to(device=device, dtype=want)  # the one copy a conversion or a transfer needs
+    want = dtype or DTYPES[t.dtype]
+    y = x if want == x.dtype and device.type == "cpu" else x.to(device=device, dtype=want)
+    # A mapped tensor starts wherever its file puts it, and a tensor read into a bytearray at a 16-byte
+    # boundary; matmul kernels take other paths for other alignments, so rounding follows the file layout.
+    return x.clone() if copy and y is x else y
 
 
 def build_model(layout: Layout, device: str | torch.device = "cpu",
-                dtype: str | torch.dtype | None = None) -> Transformer:
-    """The model of an opened layout, its parameters assigned from the files (see module docstring)."""
+                dtype: str | torch.dtype | None = None, copy: bool = False) -> Transformer:
+    """The model of an opened layout, its parameters assigned from the files (see module docstring).
+
+    ``copy=True`` gives every parameter private, contiguous memory from torch's allocator, whatever the
+    layout: two models built so from the same tensors compute bit for bit the same on any CPU."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(layout.params)
     maps: dict = {}  # this model's own file maps: its weights are private to it
-    state = {name: tensor_for(t, device, dtype, maps) for name, t in layout.tensors.items()}
+    state = {name: tensor_for(t, device, dtype, maps, copy) for name, t in layout.tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.file_maps = maps  # path -> the model's copy-on-write map of that file (its weights point into them)
     return model.eval().requires_grad_(False)
 
 
 def load_model(src: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> tuple[Transformer, Layout]:
+               dtype: str | torch.dtype | None = None, copy: bool = False) -> tuple[Transformer, Layout]:
     """Open the checkpoint folder src (any layout open_layout reads) and build its model.
     dtype None keeps the checkpoint's. Raises FormatError naming a missing or broken file."""
     layout = open_checked(src)
-    return build_model(layout, device, dtype), layout
+    return build_model(layout, device, dtype, copy), layout

@@ -3,8 +3,12 @@
 Checks, each reported with its numbers:
 - the KV-cache decode gives the logits of a full forward pass over the same tokens (within rounding);
 - the router's weights sum to one for every token of every layer;
-- with a reference checkpoint (any layout), its logits on the same tokens: in float32 the two must be
-  equal bit for bit, since they are the same tensors through the same ops.
+- with a reference checkpoint (any layout), its logits on the same tokens. In float32 both models hold
+  private, aligned copies of their weights, so they are the same tensors through the same ops on the same
+  memory layout and must agree bit for bit on any CPU. In other dtypes the weights stay memory-mapped where
+  the files put them (a 93 GB model need not fit in RAM twice), kernels may round differently for other
+  alignments, and the logits must agree within a bound, with the same top-1 token wherever the reference's
+  top two are further apart than that bound.
 The models run one after the other, so only one is ever in memory.
 """
 from __future__ import annotations
@@ -18,7 +22,8 @@ from pathlib import Path
 import torch
 
 from runner.generate import generate
-from runner.load import load_model, resolve_device
+from runner.load import build_model, load_model, open_checked, resolve_device, resolve_dtype
+from runner.tensorfile import DTYPES
 from runner.model import Transformer
 from weightswarm.errors import InputError
 
@@ -28,7 +33,9 @@ DEFAULT_MAX_NEW_TOKENS = 16
 # matrices of different shapes, so they round differently: ~1e-6 in float32, a few bf16 ulps otherwise.
 KV_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 WEIGHT_SUM_TOLERANCE = 1e-5  # the routing weights are a float32 softmax
-# Reference in bf16/f16 (the float32 check is exact): same tensors and ops, so any real gap is a bug.
+# Reference in bf16/f16 (the float32 check is exact): allowed max |diff| relative to the largest |logit|.
+# The same tensors through the same ops; only the kernels' rounding may differ, by a few ulps of the dtype
+# (bf16 has 8 bits, 2**-8 = 0.004) per rounding step: 1e-2 holds that and is far below what a wrong tensor does.
 REFERENCE_TOLERANCE = 1e-2
 
 
@@ -75,9 +82,11 @@ def smoke(model_dir, prompt: str | None = None, tokens: list[int] | None = None,
         raise InputError(str(max_new_tokens), "--max-new-tokens must be at least 1")
     device = resolve_device(device)
     t0 = time.perf_counter()
-    model, layout = load_model(model_dir, device, dtype)
+    layout = open_checked(model_dir)
+    run_dtype = resolve_dtype(dtype) or DTYPES[layout.tensors["output.weight"].dtype]
+    exact = reference is not None and run_dtype == torch.float32  # see the module docstring
+    model = build_model(layout, device, run_dtype, copy=exact)
     load_seconds = time.perf_counter() - t0
-    run_dtype = model.output.weight.dtype
     ids, sp = _prompt(model_dir, layout.tokenizer, layout.params.vocab_size, prompt, tokens)
 
     moe = model.moe_layers()
@@ -117,7 +126,8 @@ def smoke(model_dir, prompt: str | None = None, tokens: list[int] | None = None,
     if reference is not None:
         del model, gen
         _free(device)
-        result["checks"]["reference"] = _compare(Path(reference), layout.params, seq, full, device, run_dtype)
+        result["checks"]["reference"] = _compare(Path(reference), layout.params, seq, full, device, run_dtype,
+                                                 exact)
         result["max_abs_diff"] = result["checks"]["reference"]["max_abs_diff"]
         result["top1_agreement"] = result["checks"]["reference"]["top1_agreement"]
     result["passed"] = all(c["passed"] for c in result["checks"].values())
@@ -135,8 +145,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _compare(reference: Path, params, seq: list[int], full: torch.Tensor, device, dtype) -> dict:
-    ref_model, ref_layout = load_model(reference, device, dtype)
+def _compare(reference: Path, params, seq: list[int], full: torch.Tensor, device, dtype, exact: bool) -> dict:
+    ref_model, ref_layout = load_model(reference, device, dtype, copy=exact)
     # Same model whatever the layout says about rope_theta: Mixtral's params.json omits it (1e6 implied).
     if replace(ref_layout.params, rope_theta=ref_layout.params.theta) != replace(params, rope_theta=params.theta):
         raise InputError(reference, f"a different model: {ref_layout.params} vs {params}")
@@ -144,12 +154,16 @@ def _compare(reference: Path, params, seq: list[int], full: torch.Tensor, device
     del ref_model
     _free(device)
     diff = float((full - ref).abs().max())
-    exact = dtype == torch.float32
     tol = 0.0 if exact else REFERENCE_TOLERANCE * max(float(ref.abs().max()), 1.0)
+    agree = full.argmax(-1) == ref.argmax(-1)  # (positions,)
+    top2 = ref.topk(2, dim=-1).values  # (positions, 2)
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * tol  # where rounding within the bound cannot swap the top token
     return {"source": str(reference), "layout": ref_layout.kind, "positions": len(seq),
             "max_abs_diff": diff, "tolerance": tol, "exact": exact,
-            "top1_agreement": float((full.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "passed": diff <= tol}
+            "comparison": "bit for bit (aligned copies, same ops on the same memory layout)" if exact
+            else "within the bound (memory-mapped weights)",
+            "top1_agreement": float(agree.float().mean()),
+            "passed": diff <= tol and bool(agree[clear].all())}
 
 
 def print_report(r: dict, file=None) -> None:
@@ -179,7 +193,8 @@ def print_report(r: dict, file=None) -> None:
     _check(out, f"routing weights sum to one: max error {w['max_error']:.3g}", w["passed"])
     if "reference" in c:
         ref = c["reference"]
-        bound = "must be 0 in float32" if ref["exact"] else f"tolerance {ref['tolerance']:.3g}"
+        bound = "must be 0: aligned copies, same ops" if ref["exact"] else \
+            f"bound {ref['tolerance']:.3g}: mapped weights"
         _check(out, f"reference {ref['source']} ({ref['layout']}): max |diff| {ref['max_abs_diff']:.3g} ({bound}), "
                     f"top-1 agreement {100 * ref['top1_agreement']:.1f}% over {ref['positions']} positions",
                ref["passed"])

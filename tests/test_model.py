@@ -78,12 +78,15 @@ def test_greedy_tokens_match_transformers(pair):
 
 
 def test_hf_layout_direct_equals_per_expert_bit_for_bit(pair):
-    _, model, base = pair
-    direct, layout = load_model(base / "hf", dtype="float32")
+    """Bit equality holds for the same ops on the same memory layout: both models as aligned copies.
+    (Mapped, each tensor starts where its file puts it, and AVX2 kernels round differently there.)"""
+    _, _, base = pair
+    direct, layout = load_model(base / "hf", dtype="float32", copy=True)
+    experts, _ = load_model(base / "experts", dtype="float32", copy=True)
     assert layout.kind == "hf"
     tokens = torch.tensor([PROMPTS[2]])
     with torch.no_grad():
-        assert torch.equal(direct(tokens), model(tokens))
+        assert torch.equal(direct(tokens), experts(tokens))
 
 
 def test_sliding_window_changes_the_answer(tmp_path):

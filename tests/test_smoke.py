@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from layout_builders import write_hf
 from runner.smoke import DEFAULT_PROMPT, parse_tokens, print_report, smoke
@@ -39,10 +40,12 @@ def test_smoke_against_an_hf_layout_in_bf16_with_token_ids(converted, tmp_path):
     write_hf(tmp_path / "hf", make_state_dict(args), args, shards=2)  # the same weights as tiny_release
     r = smoke(converted, tokens=[1, 5, 900, 17], max_new_tokens=4, reference=tmp_path / "hf")
     assert r["dtype"] == "bfloat16" and r["prompt"] is None  # the checkpoint's dtype, no text prompt
-    assert r["passed"] and r["max_abs_diff"] == 0.0
-    assert r["checks"]["reference"]["layout"] == "hf"
+    ref = r["checks"]["reference"]
+    # Mapped bf16 weights: compared within the stated bound, not claimed bit for bit.
+    assert r["passed"] and not ref["exact"] and 0 < ref["tolerance"] and r["max_abs_diff"] <= ref["tolerance"]
+    assert ref["layout"] == "hf"
     r = smoke(converted, tokens=[1, 5, 900, 17], max_new_tokens=4, reference=tmp_path / "hf", dtype="float32")
-    assert r["passed"] and r["max_abs_diff"] == 0.0
+    assert r["passed"] and r["max_abs_diff"] == 0.0 and r["checks"]["reference"]["exact"]
 
 
 def test_sampling_with_a_seed_repeats(converted):
@@ -115,3 +118,24 @@ def test_corrupt_expert_header_is_named(broken):
     with pytest.raises(FormatError) as e:
         smoke(broken, max_new_tokens=2)
     assert e.value.path.endswith("expert-02.safetensors")
+
+
+def test_cli_smoke_of_a_transformers_model_against_its_source_in_float32(tmp_path):
+    """A float32 model saved by transformers, converted, then checked against the saved folder: exact on any
+    CPU (before, mapped weights at file offsets made AVX2 kernels round differently: a FAIL for a lossless
+    conversion)."""
+    import transformers
+
+    from conftest import run_ws
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=300, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, rope_theta=1e6,
+        tie_word_embeddings=False, initializer_range=0.1)
+    transformers.MixtralForCausalLM(config).save_pretrained(tmp_path / "hf")
+    assert run_ws("convert", tmp_path / "hf", "-o", tmp_path / "experts").returncode == 0
+    r = run_ws("smoke", tmp_path / "experts", "--reference", tmp_path / "hf", "--dtype", "float32",
+               "--tokens", "1,5,280,33,33,190,64,2,128,77,12", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "max |diff| 0 (must be 0: aligned copies, same ops)" in r.stdout and r.stdout.rstrip().endswith("PASS")
