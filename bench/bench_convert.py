@@ -7,7 +7,7 @@ convert fsyncs what it writes) against `weightswarm convert`, each under `/usr/b
 deleting the output between runs; and times `weightswarm manifest` (with and without --tensors) against
 `b3sum` of the same files, interleaved round-robin. On the 1g release it also times the provenance check
 `verify OUT --manifest --source SRC`. Peak RSS is compared with the interpreter's own (python importing
-weightswarm.cli, runner.convert and torch) and with the largest tensor. A report only: nothing is asserted.
+weightswarm.cli, weightswarm.convert.convert and torch) and with the largest tensor. A report only: nothing is asserted.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from common import machine, warm
 TIME = "/usr/bin/time"
 SIZE = {"1g": 1.05e9, "4g": 4.2e9}  # checkpoint bytes of each preset (runner/synth.py)
 ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4}
-INPROC = ("import sys, time; from verify.manifest import build_manifest; t = time.perf_counter(); "
+INPROC = ("import sys, time; from weightswarm.verify.manifest import build_manifest; t = time.perf_counter(); "
           "build_manifest(sys.argv[1]); print(time.perf_counter() - t)")
 
 
@@ -144,8 +144,8 @@ def main() -> None:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(machine())
-    _, base, _ = run([sys.executable, "-c", "import weightswarm.cli, runner.convert, torch"])
-    print(f"interpreter baseline (python -c 'import weightswarm.cli, runner.convert, torch'): "
+    _, base, _ = run([sys.executable, "-c", "import weightswarm.cli, weightswarm.convert.convert, torch"])
+    print(f"interpreter baseline (python -c 'import weightswarm.cli, weightswarm.convert.convert, torch'): "
           f"peak RSS {base / 1e6:.0f} MB")
     conv, hashing, made = {}, {}, []
     for i, preset in enumerate(args.presets.split(",")):

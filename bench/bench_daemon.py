@@ -137,7 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir.resolve()
     data, rel, torrent = setup(work, args.preset)
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(torrent)
     size = warm(rel)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from runner.convert import convert
-from runner.load import load_model, resolve_dtype
-from runner.model import KVCache
+from weightswarm.convert.convert import convert
+from weightswarm.runner.load import load_model, resolve_dtype
+from weightswarm.runner.model import KVCache
 
 
 def sync(device: torch.device) -> None:

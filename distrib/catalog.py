@@ -1,4 +1,4 @@
-"""The known torrent releases of open weights (facts from shared/RELEASES.md)."""
+"""The known torrent releases of open weights: magnets, files and the sums their publishers gave."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,10 +16,11 @@ from urllib.parse import urlparse
 
 import libtorrent as lt
 
-from distrib.torrentfile import Torrent, parse_torrent
-from weightswarm.atomic import atomic_write_bytes
 from weightswarm import __version__
-from weightswarm.errors import InputError
+from weightswarm.core.atomic import atomic_write_bytes
+from weightswarm.core.errors import InputError, OptionError
+from weightswarm.core.paths import check_output_file, walk_files
+from weightswarm.distrib.torrentfile import Torrent, parse_torrent
 
 MIN_PIECE = 16 * 1024
 MAX_PIECE = 16 * 1024 * 1024
@@ -46,16 +47,16 @@ class CreateOptions:
 
     def check(self) -> None:
         if self.format not in FORMATS:
-            raise InputError(self.format, f"unknown torrent format (choose from {', '.join(FORMATS)})")
+            raise OptionError("--format", self.format, f"choose from {', '.join(FORMATS)}")
         ps = self.piece_size
-        if ps and (ps < MIN_PIECE or ps & (ps - 1)):
-            raise InputError(str(ps), "piece size must be a power of two of at least 16 KiB")
+        if ps and (ps < MIN_PIECE or ps > MAX_PIECE or ps & (ps - 1)):
+            raise OptionError("--piece-size", ps, "must be a power of two from 16 KiB to 16 MiB")
         for url in self.trackers:
             if urlparse(url).scheme not in ("http", "https", "udp"):
-                raise InputError(url, "tracker URL must start with http://, https:// or udp://")
+                raise OptionError("--tracker", url, "must start with http://, https:// or udp://")
         for url in self.web_seeds:
             if urlparse(url).scheme not in ("http", "https"):
-                raise InputError(url, "web seed URL must start with http:// or https://")
+                raise OptionError("--web-seed", url, "must start with http:// or https://")
 
 
 def list_payload(path: Path) -> list[tuple[str, int]]:
@@ -63,19 +64,8 @@ def list_payload(path: Path) -> list[tuple[str, int]]:
     if path.is_file():
         return [(path.name, path.stat().st_size)]
     if not path.is_dir():
-        raise InputError(path, "no such file or folder")
-    out = []
-    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if fn.startswith("."):
-                continue
-            full = Path(dirpath) / fn
-            try:
-                size = full.stat().st_size
-            except FileNotFoundError:
-                raise InputError(full, "broken symlink") from None
-            out.append((full.relative_to(path).as_posix(), size))
+        raise InputError(path, "no such file or folder" if not path.exists() else "not a regular file or folder")
+    out = [(rel, p.stat().st_size) for rel, p in walk_files(path, follow_links=True, strict=True)]
     if not out:
         raise InputError(path, "no files to put in a torrent (hidden files are left out)")
     return sorted(out)
@@ -103,12 +93,11 @@ def create_torrent(path: str | os.PathLike, opts: CreateOptions = CreateOptions(
 
 
 def write_torrent(path: str | os.PathLike, out: str | os.PathLike, opts: CreateOptions = CreateOptions(),
-                  progress: Callable[[int, int], None] | None = None) -> Torrent:
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise InputError(out.parent, "output folder does not exist")
-    if out.is_dir():
-        raise InputError(out, "is a folder: give the name of the .torrent file to write")
+                  progress: Callable[[int, int], None] | None = None, force: bool = False) -> Torrent:
+    """Hash PATH and write its torrent to OUT; an existing OUT is replaced only with ``force``."""
+    out = check_output_file(out)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise InputError(out, "already exists", hint="give another name, or --force to replace it")
     data = create_torrent(path, opts, progress)
     atomic_write_bytes(out, data)
     return parse_torrent(data, out)

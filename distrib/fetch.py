@@ -3,11 +3,12 @@
 Resume protocol (state under ``OUTPUT/.weightswarm/``): ``<hash>.torrent`` holds the metadata as soon as
 it is known; ``<hash>.resume`` is written only on a clean stop and consumed when the next run starts.
 After a crash there is no resume file, so libtorrent re-hashes whatever is on disk and keeps every piece
-that passes: nothing verified is downloaded twice, and nothing unverified is trusted.
+that passes: nothing verified is downloaded twice, and nothing unverified is trusted. Each run applies its
+own selection (``--only``, ``--experts``) over the resume data, so a wider selection later downloads only
+what it adds.
 """
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -15,14 +16,23 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from distrib.session import Event, SessionOptions, add_peers, make_session, raise_on_error, state_dir
-from distrib.source import Source
-from distrib.torrentfile import Torrent, check_info_paths, parse_torrent
-from weightswarm.atomic import atomic_write_bytes
-from verify.folder import verify_folder
-from verify.report import Finding, Report
-from weightswarm.errors import InputError, SwarmError
-from weightswarm.interrupt import Stop
+from weightswarm.core.atomic import atomic_write_bytes
+from weightswarm.core.errors import OptionError, SwarmError
+from weightswarm.core.interrupt import Stop
+from weightswarm.core.locks import lock_exclusive
+from weightswarm.core.paths import check_output_dir
+from weightswarm.core.units import parse_duration, plural
+from weightswarm.distrib.session import (Event, SessionOptions, add_peers, make_session, raise_on_error,
+                                         state_dir)
+from weightswarm.distrib.source import Source
+from weightswarm.distrib.torrentfile import Torrent, check_info_paths, parse_torrent
+from weightswarm.formats.perexpert import check_experts, expert_of_file, select_files as expert_files
+from weightswarm.verify.folder import verify_folder
+from weightswarm.verify.report import Finding, Report
+
+_FETCH_ALERTS = (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
+                 | lt.alert_category.tracker | lt.alert_category.connect | lt.alert_category.peer
+                 | lt.alert_category.dht)
 
 
 @dataclass(frozen=True)
@@ -31,23 +41,24 @@ class SeedAfter:
     ratio: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "SeedAfter":
+    def parse(cls, text: str) -> SeedAfter:
         """``30s``, ``10m``, ``2h`` (a time) or ``1.5x`` (an upload ratio)."""
-        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-        try:
-            if text.endswith("x"):
-                return cls(ratio=float(text[:-1]))
-            if text[-1:] in units:
-                return cls(seconds=float(text[:-1]) * units[text[-1]])
-            return cls(seconds=float(text))
-        except ValueError:
-            raise InputError(text, "not a seeding time (30s, 10m, 2h) or ratio (1.5x)") from None
+        if text.strip().lower().endswith("x"):
+            try:
+                ratio = float(text.strip()[:-1])
+            except ValueError:
+                ratio = -1.0
+            if not 0 <= ratio < float("inf"):
+                raise OptionError("--seed-after", text, "not a seeding time (30s, 10m, 2h) or ratio (1.5x)")
+            return cls(ratio=ratio)
+        return cls(seconds=parse_duration(text, "--seed-after"))
 
 
 @dataclass(frozen=True)
 class FetchOptions:
     output: Path
     only: tuple[str, ...] = ()
+    experts: tuple[int, ...] | None = None  # a per-expert layout's dense files and these experts' files
     peers: tuple[tuple[str, int], ...] = ()
     web_seeds: tuple[str, ...] = ()
     session: SessionOptions = field(default_factory=SessionOptions)
@@ -74,8 +85,8 @@ def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bo
         report = None
         if verify:
             published = [(p, "md5", d) for p, d in source.release.md5] if source.release else []
-            report = verify_folder(result.root, published=published,
-                                   only=set(result.selected) if opts.only else None)
+            report = verify_folder(result.root, published=published, only=set(result.selected) if
+                                   (opts.only or opts.experts is not None) else None)
             report.findings[:0] = result.pieces
             emit({"event": "verify", "report": report.to_json()})
         if opts.seed_after and (report is None or report.ok):
@@ -83,24 +94,87 @@ def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bo
     return report
 
 
-def check_output(output: Path) -> None:
-    if output.exists() and not output.is_dir():
-        raise InputError(output, "exists and is not a folder")
-    if not output.parent.is_dir():
-        raise InputError(output.parent, "output parent folder does not exist")
-
-
-def select_files(torrent: Torrent, only: tuple[str, ...]) -> list[str]:
-    """Payload paths matching any GLOB (on the path inside the torrent or on the file name); all if none."""
+def select_files(torrent: Torrent, only: tuple[str, ...], experts: tuple[int, ...] | None = None) -> list[str]:
+    """Payload paths matching any GLOB (on the path inside the torrent or on the file name) and, with
+    ``experts``, the per-expert layout's files a node serving them needs; all files if neither is given."""
     paths = [f.path for f in torrent.payload_files()]
-    if not only:
-        return paths
-    chosen = [p for p in paths if any(fnmatch.fnmatchcase(p, g) or fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], g)
-                                      for g in only)]
-    if not chosen:
-        raise InputError(" ".join(only), "--only matches no file in the torrent",
-                         hint="files: " + ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
+    chosen = paths
+    if experts is not None:
+        have = sorted({e for p in paths if (e := expert_of_file(p)) is not None})
+        if not have:
+            raise OptionError("--experts", ",".join(map(str, experts)),
+                              f"{torrent.name} is not in the per-expert layout (no experts/expert-EE.safetensors)",
+                              hint="fetch the release whole, then `weightswarm convert` it")
+        check_experts(experts, have)
+        chosen = expert_files(paths, experts)
+    if only:
+        chosen = [p for p in chosen if any(fnmatch.fnmatchcase(p, g) or fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], g)
+                                           for g in only)]
+        if not chosen:
+            raise OptionError("--only", " ".join(only), "matches no file in the torrent",
+                              hint="files: " + ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else ""))
     return chosen
+
+
+class Swarm:
+    """What the swarm has done for us so far, for the progress line and a 'could not complete' error:
+    trackers and their last answer, DHT nodes, peers tried, and payload bytes per peer."""
+
+    def __init__(self, dht: bool):
+        self.dht = dht
+        self.trackers: dict[str, str] = {}  # url -> "ok, N peers" / "error: ..."
+        self.dht_nodes = 0
+        self.tried: set[str] = set()
+        self.failed: dict[str, str] = {}  # peer -> why its connection ended
+        self.sources: dict[str, int] = {}  # "host:port" -> payload bytes received from that peer
+
+    def on_alert(self, a) -> None:
+        if isinstance(a, lt.tracker_reply_alert):
+            self.trackers[a.tracker_url()] = f"ok, {plural(a.num_peers, 'peer')}"
+        elif isinstance(a, lt.tracker_error_alert):
+            why = a.failure_reason() or a.error_message() or a.error.message()
+            self.trackers[a.tracker_url()] = f"error: {why}"
+        elif isinstance(a, lt.tracker_warning_alert):
+            self.trackers.setdefault(a.tracker_url(), f"warning: {a.message()}")
+        elif isinstance(a, lt.peer_connect_alert):
+            self.tried.add(_endpoint(a.endpoint))
+        elif isinstance(a, lt.peer_disconnected_alert) and a.error.value():
+            self.failed[_endpoint(a.endpoint)] = a.error.message()
+        elif isinstance(a, lt.dht_stats_alert):
+            self.dht_nodes = sum(b["num_nodes"] for b in a.routing_table)
+
+    def note_peers(self, handle: lt.torrent_handle) -> None:
+        """Payload bytes per peer address (the largest count seen: peers come and go)."""
+        for p in handle.get_peer_info():
+            key = _endpoint(p.ip)
+            self.sources[key] = max(self.sources.get(key, 0), p.total_download)
+
+    def summary(self, handle: lt.torrent_handle | None, peers: int) -> dict:
+        trackers = {t["url"]: self.trackers.get(t["url"], "announcing" if t.get("updating") else "not reached yet")
+                    for t in (handle.trackers() if handle is not None and handle.is_valid() else [])}
+        return {"trackers": trackers, "dht_nodes": self.dht_nodes if self.dht else None,
+                "peers_tried": len(self.tried), "peers_failed": dict(sorted(self.failed.items())[:10]),
+                "peers": peers}
+
+    def describe(self, s: dict) -> str:
+        """One line: what was tried (the progress line while waiting, and the error at the end)."""
+        bad = {u: w for u, w in s["trackers"].items() if w.startswith("error")}
+        ok = [u for u, w in s["trackers"].items() if w.startswith("ok")]
+        parts = []
+        if s["trackers"]:
+            t = plural(len(s["trackers"]), "tracker")
+            parts.append(f"{t}: {len(ok)} answered, {len(bad)} failing" +
+                         (f" ({next(iter(bad.values()))[7:]})" if bad else ""))
+        else:
+            parts.append("no trackers")
+        parts.append("DHT off" if s["dht_nodes"] is None else f"DHT {plural(s['dht_nodes'], 'node')}")
+        parts.append(f"{plural(s['peers_tried'], 'peer')} tried, {s['peers']} connected")
+        return "; ".join(parts)
+
+
+def _endpoint(ep) -> str:
+    host, port = ep[0], ep[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Fetcher:
@@ -110,27 +184,26 @@ class Fetcher:
         self.source, self.opts, self.emit = source, opts, emit
         self.state = Path(state_dir(opts.output))
         self.torrent: Torrent | None = source.torrent
-        self.selected: list[str] = select_files(self.torrent, opts.only) if self.torrent else []
+        self.selected: list[str] = select_files(self.torrent, opts.only, opts.experts) if self.torrent else []
         self.ses: lt.session | None = None
         self.handle: lt.torrent_handle | None = None
-        self.sources: dict[str, int] = {}  # "host:port" -> payload bytes received from that peer
+        self.swarm = Swarm(opts.session.dht)
+        self._done_at_start = 0
 
-    def __enter__(self) -> "Fetcher":
-        check_output(self.opts.output)
+    def __enter__(self) -> Fetcher:
+        check_output_dir(self.opts.output, empty=False)
         self.ses = make_session(self.opts.session)  # a bad --listen fails before anything is written
+        self.ses.apply_settings({"alert_mask": int(_FETCH_ALERTS)})
         self.opts.output.mkdir(exist_ok=True)
         self.state.mkdir(exist_ok=True)
-        self._lock = open(self.state / f"{self.source.key}.lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise InputError(self.opts.output, "another fetch of this torrent is using this folder") from None
+        self._lock = lock_exclusive(self.state / f"{self.source.key}.lock", self.opts.output,
+                                    "another fetch of this torrent is using this folder")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # Resume data only after a clean stop: after a refused input it could carry that run's state.
-        if exc_type is None or issubclass(exc_type, (Stop, KeyboardInterrupt)):
+        # Resume data after a clean stop, or after the swarm gave up (a rerun continues from it); not
+        # after a refused input, whose run could carry that state.
+        if exc_type is None or issubclass(exc_type, (Stop, KeyboardInterrupt, SwarmError)):
             self._save_resume()
         self.ses.pause()
         self._lock.close()
@@ -143,14 +216,18 @@ class Fetcher:
         if self.torrent:
             self._announce_metadata()
         finished = False
-        last_emit, last_change, best = 0.0, time.monotonic(), -1
+        last_emit, last_change, best, last_dht = 0.0, time.monotonic(), -1, 0.0
         while not finished:
             ses.wait_for_alert(250)
             for a in ses.pop_alerts():
                 finished |= self._on_alert(a)
             now, st = time.monotonic(), h.status()
+            self.swarm.note_peers(h)
             if st.num_peers == 0 and self.opts.peers:
                 self._connect()
+            if self.opts.session.dht and now - last_dht >= 5:
+                last_dht = now
+                ses.post_dht_stats()
             if st.total_wanted_done > best:
                 best, last_change = st.total_wanted_done, now
             finished |= bool(self.torrent) and st.is_finished and st.state in _DONE_STATES
@@ -159,15 +236,26 @@ class Fetcher:
                 self.emit(self._progress(st))
             if not finished and self.opts.timeout and now - last_change > self.opts.timeout:
                 what = "data" if self.torrent else "metadata"
-                raise SwarmError(self.source.text, f"no {what} received for {self.opts.timeout:g} s "
-                                 f"({st.num_peers} peers)", hint="add peers with --peer HOST:PORT")
+                tried = self.swarm.summary(h, st.num_peers)
+                raise SwarmError(self.source.text, f"could not complete: no {what} for {self.opts.timeout:g} s; "
+                                 f"{self.swarm.describe(tried)}",
+                                 hint="run the same command again to continue; add peers with --peer HOST:PORT")
         self._flush()
-        seconds = time.monotonic() - start
-        downloaded = h.status().total_payload_download
-        self._note_sources()
-        self.emit({"event": "finished", "downloaded": downloaded, "seconds": round(seconds, 3),
-                   "sources": dict(sorted(self.sources.items()))})
+        self.swarm.note_peers(h)
+        self.emit(self._finished(h.status(), time.monotonic() - start))
         return FetchResult(self.torrent.root(self.opts.output), self.selected, self._piece_findings())
+
+    def _finished(self, st, seconds: float) -> dict:
+        """The byte counts of this run, which add up: payload = new file bytes + block padding + redundant +
+        failed; protocol overhead comes on top."""
+        new = max(0, st.total_wanted_done - self._done_at_start)
+        redundant, failed = st.total_redundant_bytes, st.total_failed_bytes
+        padding = max(0, st.total_payload_download - new - redundant - failed)
+        return {"event": "finished", "seconds": round(seconds, 3), "downloaded": st.total_payload_download,
+                "new": new, "padding": padding, "redundant": redundant, "failed": failed,
+                "protocol": max(0, st.total_download - st.total_payload_download),
+                "already_had": self._done_at_start, "wanted": st.total_wanted,
+                "sources": dict(sorted(self.swarm.sources.items()))}
 
     def _piece_findings(self) -> list[Finding]:
         done = self.handle.file_progress(lt.torrent_handle.piece_granularity)
@@ -210,10 +298,13 @@ class Fetcher:
             resume.unlink()
         if not self.torrent and meta.exists():
             self.torrent = parse_torrent(meta.read_bytes(), meta)
-            self.selected = select_files(self.torrent, self.opts.only)
+            self.selected = select_files(self.torrent, self.opts.only, self.opts.experts)
         if self.torrent:
             atp.ti = self.torrent.info
             atp.file_priorities = self._priorities()
+            # The resume data's piece priorities are the last run's selection and would override this
+            # run's file priorities: a partial fetch could never be widened.
+            atp.piece_priorities = []
             atp.flags &= ~lt.torrent_flags.upload_mode
         else:
             # Download nothing until the metadata has been checked for unsafe paths.
@@ -233,7 +324,7 @@ class Fetcher:
         check_info_paths(lt.bdecode(info), self.source.text)
         data = lt.bencode({b"info": lt.bdecode(info)})
         torrent = parse_torrent(data, self.source.text)
-        self.selected = select_files(torrent, self.opts.only)
+        self.selected = select_files(torrent, self.opts.only, self.opts.experts)
         self.torrent = torrent  # only now: a refused torrent must leave no state behind
         atomic_write_bytes(self.state / f"{self.source.key}.torrent", data)
         self.handle.prioritize_files(self._priorities())
@@ -249,10 +340,12 @@ class Fetcher:
     def _on_alert(self, a) -> bool:
         """Handle one alert; True when the wanted files are complete."""
         raise_on_error(a, self.opts.output)
+        self.swarm.on_alert(a)
         if isinstance(a, lt.metadata_received_alert):
             self._on_metadata_received()
         elif isinstance(a, lt.torrent_checked_alert):
             st = self.handle.status()
+            self._done_at_start = st.total_wanted_done
             self.emit({"event": "checked", "have_bytes": st.total_wanted_done, "wanted_bytes": st.total_wanted})
             self._connect()
         elif isinstance(a, lt.torrent_finished_alert):
@@ -267,19 +360,16 @@ class Fetcher:
         except RuntimeError:
             pass  # still checking files; retried on torrent_checked_alert and while no peer is connected
 
-    def _note_sources(self) -> None:
-        """Payload bytes received per peer address (the largest count seen: peers come and go)."""
-        for p in self.handle.get_peer_info():
-            key = f"{p.ip[0]}:{p.ip[1]}"
-            self.sources[key] = max(self.sources.get(key, 0), p.total_download)
-
     def _progress(self, st) -> dict:
-        self._note_sources()
-        return {"event": "progress", "state": str(st.state), "done": st.total_wanted_done,
-                "wanted": st.total_wanted, "download_rate": st.download_payload_rate,
-                "upload_rate": st.upload_payload_rate, "peers": st.num_peers, "seeds": st.num_seeds,
-                "pieces": st.num_pieces, "pieces_total": self.torrent.info.num_pieces() if self.torrent else 0,
-                "downloaded": st.total_payload_download, "uploaded": st.all_time_upload}
+        ev = {"event": "progress", "state": str(st.state), "done": st.total_wanted_done,
+              "wanted": st.total_wanted, "download_rate": st.download_payload_rate,
+              "upload_rate": st.upload_payload_rate, "peers": st.num_peers, "seeds": st.num_seeds,
+              "pieces": st.num_pieces, "pieces_total": self.torrent.info.num_pieces() if self.torrent else 0,
+              "downloaded": st.total_payload_download, "uploaded": st.all_time_upload}
+        if st.num_peers == 0 or not self.torrent:
+            tried = self.swarm.summary(self.handle, st.num_peers)
+            ev["swarm"] = tried | {"text": self.swarm.describe(tried)}
+        return ev
 
     def _flush(self, deadline: float = 30.0) -> None:
         """Wait until libtorrent has handed every downloaded byte to the OS, so verification reads it."""

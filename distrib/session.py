@@ -1,8 +1,10 @@
 """libtorrent sessions configured for weightswarm, and the small helpers every command needs."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,7 +12,7 @@ from typing import Callable
 import libtorrent as lt
 
 from weightswarm import __version__
-from weightswarm.errors import InputError, SwarmError
+from weightswarm.core.errors import InputError, OptionError
 
 Event = Callable[[dict], None]  # receives one JSON-able event dict of a running command
 
@@ -27,17 +29,17 @@ class SessionOptions:
     max_connections: int = 200
 
 
-def parse_endpoint(text: str, what: str = "address") -> tuple[str, int]:
+def parse_endpoint(text: str, option: str = "--listen") -> tuple[str, int]:
     """``HOST:PORT`` or ``[v6]:PORT`` -> (host, port)."""
-    host, sep, port = text.rpartition(":")
+    host, sep, port = str(text).rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise InputError(text, f"not a valid {what} (expected HOST:PORT)")
+        raise OptionError(option, text, "not a valid address (expected HOST:PORT)")
     return host, int(port)
 
 
 def make_session(opts: SessionOptions) -> lt.session:
-    host, port = parse_endpoint(opts.listen, "listen address")
+    host, port = parse_endpoint(opts.listen)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     loopback_only = _is_loopback(host)
     settings = {
@@ -86,9 +88,20 @@ def _check_listening(ses: lt.session, listen: str, deadline: float = 5.0) -> Non
 
 
 def raise_on_error(alert, path: str | os.PathLike) -> None:
-    """Torrent and file errors end a command: the data or the disk needs a person."""
-    if isinstance(alert, (lt.torrent_error_alert, lt.file_error_alert)):
-        raise SwarmError(path, f"disk or torrent error: {alert.message()}")
+    """Torrent and file errors end a command: the data or the disk needs a person (exit 2, naming the file)."""
+    if isinstance(alert, lt.file_error_alert):
+        e = alert.error
+        full = e.value() in (errno.ENOSPC, errno.EDQUOT) and e.category().name() in ("system", "generic")
+        raise InputError(alert.filename() or path, f"cannot {lt_operation(alert)}: {e.message().lower()}",
+                         hint="free some space, then run the same command again: it continues" if full else None)
+    if isinstance(alert, lt.torrent_error_alert):
+        raise InputError(path, f"torrent error: {alert.error.message()}")
+
+
+def lt_operation(alert) -> str:
+    """'write', 'read', 'open' ... from a file_error_alert's message ('... (write) error: ...')."""
+    m = re.search(r"\((\w+)\)", alert.message())
+    return m[1] if m else "access the file"
 
 
 def _limit_local_peers(ses: lt.session) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from distrib.catalog import BY_HASH, RELEASES, Release, lookup
-from distrib.torrentfile import Torrent, load_torrent, lt_message
-from weightswarm.errors import InputError, TorrentError
+from weightswarm.distrib.catalog import BY_HASH, RELEASES, Release, lookup
+from weightswarm.distrib.torrentfile import Torrent, load_torrent, lt_message
+from weightswarm.core.errors import InputError, TorrentError
 
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 
@@ -37,6 +37,8 @@ def resolve(text: str) -> Source:
     if text.startswith("magnet:"):
         return _magnet(text, text, None)
     if _HEX.match(text):
+        if not int(text, 16):  # libtorrent reads all zeros as "no hash" and would refuse only when adding it
+            raise TorrentError(text, "an all-zero info-hash names no torrent")
         ih = (lt.info_hash_t(lt.sha1_hash(bytes.fromhex(text))) if len(text) == 40
               else lt.info_hash_t(lt.sha256_hash(bytes.fromhex(text))))
         atp = lt.add_torrent_params()
@@ -59,6 +61,6 @@ def _magnet(uri: str, text: str, release: Release | None) -> Source:
     except RuntimeError as e:
         raise TorrentError(text, f"malformed magnet URI: {lt_message(e)}") from None
     ih = atp.info_hashes
-    if not (ih.has_v1() or ih.has_v2()):
+    if not (ih.has_v1() or ih.has_v2()):  # also an all-zero hash, which libtorrent reads as none
         raise TorrentError(text, "malformed magnet URI: no info-hash (xt=urn:btih:... or urn:btmh:...)")
     return Source(text, atp, None, release or BY_HASH.get(str(ih.v1) if ih.has_v1() else ""))

@@ -1,15 +1,18 @@
-"""Reading .torrent files safely: bencode errors, unsafe paths and the file layout, in one place."""
+"""Reading .torrent files safely: bencode errors, unsafe paths, the v2 piece layers and the file layout,
+checked once, where the torrent is parsed, for every command that uses it."""
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import libtorrent as lt
 
-from verify.paths import check_components
-from weightswarm.errors import TorrentError
+from weightswarm.core.errors import InputError, TorrentError
+from weightswarm.core.inputs import read_regular
+from weightswarm.core.paths import check_components
+from weightswarm.verify.pieces import BLOCK, merkle_root, pow2
 
 MAX_TORRENT_BYTES = 64 * 1024 * 1024  # libtorrent refuses larger metadata anyway; keeps a bad path from eating RAM
 
@@ -30,6 +33,9 @@ class Torrent:
     info: lt.torrent_info
     raw: dict  # bdecoded top-level dict (keys bytes)
     source: str
+    # pieces root -> the file's piece hashes, each checked against its root; absent for a magnet's metadata
+    # (the piece layers travel outside the info dictionary) until libtorrent has them from peers.
+    layers: dict[bytes, list[bytes]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -67,6 +73,15 @@ class Torrent:
         """Where the payload lies: ``save_path/name`` (a file for single-file torrents)."""
         return Path(save_path) / self.name
 
+    def pieces_root(self, f: FileEntry) -> bytes:
+        """The v2 merkle root of a file (BEP 52 ``pieces root``)."""
+        return self.info.layout().root(f.index).to_bytes()
+
+    def file_pieces(self, f: FileEntry) -> range:
+        """The pieces holding a file's bytes (every file starts a piece in v2 and hybrid torrents)."""
+        plen = self.info.piece_length()
+        return range(f.offset // plen, (f.offset + max(f.size, 1) - 1) // plen + 1) if f.size else range(0)
+
 
 def parse_torrent(data: bytes, source: str | os.PathLike) -> Torrent:
     source = os.fspath(source)
@@ -81,7 +96,40 @@ def parse_torrent(data: bytes, source: str | os.PathLike) -> Torrent:
         info = lt.torrent_info(data)
     except RuntimeError as e:
         raise TorrentError(source, f"not a valid torrent file: {lt_message(e)}") from None
-    return Torrent(info, raw, source)
+    t = Torrent(info, raw, source)
+    if t.v2:
+        t.layers.update(_piece_layers(t, raw.get(b"piece layers")))
+    return t
+
+
+def _piece_layers(t: Torrent, layers) -> dict[bytes, list[bytes]]:
+    """BEP 52 piece layers, each one's merkle tree checked against its file's root: a torrent whose
+    layers lie is refused here, not found out piece by piece."""
+    if layers is None:
+        return {}
+    if not isinstance(layers, dict) or not all(isinstance(k, bytes) and isinstance(v, bytes)
+                                               for k, v in layers.items()):
+        raise TorrentError(t.source, "not a valid torrent file: 'piece layers' must map 32-byte roots to "
+                                     "strings of piece hashes")
+    plen = t.info.piece_length()
+    out = {}
+    for f in t.payload_files():
+        if f.size <= plen:
+            continue  # one piece: the root is the piece hash, and BEP 52 gives such files no layer
+        root = t.pieces_root(f)
+        layer = layers.get(root)
+        n = -(-f.size // plen)
+        if layer is None:
+            raise TorrentError(t.source, f"not a valid torrent file: no piece layer for {f.path}")
+        if len(layer) != 32 * n:
+            raise TorrentError(t.source, f"not a valid torrent file: the piece layer of {f.path} holds "
+                                         f"{len(layer) // 32} hashes, the file has {n} pieces")
+        hashes = [layer[i:i + 32] for i in range(0, len(layer), 32)]
+        if merkle_root(hashes, pow2(n), merkle_root([], plen // BLOCK)) != root:
+            raise TorrentError(t.source, f"not a valid torrent file: the piece layer of {f.path} does not "
+                                         "hash to its pieces root")
+        out[root] = hashes
+    return out
 
 
 def lt_message(e: Exception) -> str:
@@ -90,17 +138,11 @@ def lt_message(e: Exception) -> str:
 
 
 def load_torrent(path: str | os.PathLike) -> Torrent:
-    p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > MAX_TORRENT_BYTES:
-            raise TorrentError(p, f"too large for a .torrent file ({size} bytes)")
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise TorrentError(p, "no such file") from None
-    except IsADirectoryError:
-        raise TorrentError(p, "is a directory, not a .torrent file") from None
-    return parse_torrent(data, p)
+        data = read_regular(path, MAX_TORRENT_BYTES, ".torrent file")
+    except InputError as e:
+        raise TorrentError(path, e.problem) from None
+    return parse_torrent(data, path)
 
 
 def check_info_paths(info: dict, source: str) -> None:

@@ -1,4 +1,2 @@
-"""Model side: params.json config and synthetic releases (the model and converter come later)."""
-from runner.config import ModelArgs, MoeArgs
-
-__all__ = ["ModelArgs", "MoeArgs"]
+"""The model proper: Mixtral in plain PyTorch (model), assembled from any checkpoint layout without copying
+its weights (load), text generation with a KV cache (generate), and the smoke test (smoke)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.model import KVCache, Transformer
+from weightswarm.runner.model import KVCache, Transformer
 
 
 @dataclass

@@ -6,47 +6,51 @@ bf16 checkpoint run in bf16 on CPU costs page cache, not a second copy; otherwis
 """
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
 import torch
 
-from runner.config import ModelArgs
-from runner.layouts import CanonTensor, Layout, open_layout
-from runner.model import Transformer
-from runner.tensorfile import DTYPES, FLOAT_NAMES
-from verify.hashing import hash_file
-from verify.manifest import load_manifest
-from verify.paths import confined
-from weightswarm.errors import FormatError, InputError
+from weightswarm.core.errors import FormatError, OptionError
+from weightswarm.formats.dtypes import FLOAT_NAMES, NAMES
+from weightswarm.formats.layouts import CanonTensor, Layout, open_layout
+from weightswarm.formats.manifest import NAME, load_manifest
+from weightswarm.formats.params import ModelArgs
+from weightswarm.formats.perexpert import DENSE, output_file
+from weightswarm.formats.tensorref import TensorRef
+from weightswarm.runner.model import Transformer
+from weightswarm.verify.manifest import check_files
 
-DTYPE_NAMES = {name: DTYPES[code] for name, code in FLOAT_NAMES.items()}
+
+def torch_dtype(code: str) -> torch.dtype:
+    return getattr(torch, NAMES[code])
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     """A torch dtype from its name (bfloat16, float32, float16); None stays None (the checkpoint's)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in DTYPE_NAMES:
-        raise InputError(str(dtype), f"unknown dtype (choose from {', '.join(DTYPE_NAMES)})")
-    return DTYPE_NAMES[dtype]
+    if dtype not in FLOAT_NAMES:
+        raise OptionError("--dtype", dtype, f"choose from {', '.join(FLOAT_NAMES)}")
+    return torch_dtype(FLOAT_NAMES[dtype])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(str(device), "CUDA is not available in this torch build or on this machine",
-                         hint="use --device cpu")
+        raise OptionError("--device", str(device), "CUDA is not available in this torch build or on this machine",
+                          hint="use --device cpu")
     if device.type not in ("cpu", "cuda"):
-        raise InputError(str(device), "unsupported device (choose cpu or cuda)")
+        raise OptionError("--device", str(device), "unsupported device (choose cpu or cuda)")
     return device
 
 
 def open_checked(src: str | os.PathLike) -> Layout:
     """open_layout, after checking a per-expert folder's files against its manifest (when it has one):
-    a missing or truncated expert file is named here, before anything is mapped."""
+    a missing, truncated or corrupt expert file is named here, before anything is mapped."""
     root = Path(src)
-    if (root / "dense.safetensors").is_file():
+    if (root / DENSE).is_file():
         check_per_expert_files(root)
     return open_layout(root)
 
@@ -54,40 +58,70 @@ def open_checked(src: str | os.PathLike) -> Layout:
 def check_per_expert_files(root: Path) -> None:
     """Every file manifest.json lists exists with its size and blake3 (about 8 GB/s from the page cache).
     Without a manifest, every expert file the params imply exists."""
-    manifest = root / "manifest.json"
+    manifest = root / NAME
     if manifest.is_file():
-        for entry in load_manifest(manifest)["files"]:
-            path = confined(root, str(entry["path"]), manifest)
-            if not path.is_file():
-                raise FormatError(path, f"missing (listed in {manifest.name})",
+        for f in check_files(root, load_manifest(manifest), manifest):
+            if f.absent:
+                raise FormatError(root / f.path, f"missing (listed in {NAME})",
                                   hint="fetch it again, e.g. weightswarm fetch --experts")
-            size = path.stat().st_size
-            if size != entry["size"]:
-                raise FormatError(path, f"is {size} bytes, {manifest.name} says {entry['size']} "
-                                        "(truncated or corrupt)", hint="fetch or convert it again")
-            # A flipped bit keeps the size: only the hash tells, and a wrong answer must never be silent.
-            if hash_file(path, "blake3") != entry["blake3"]:
-                raise FormatError(path, f"blake3 differs from {manifest.name}: the file is corrupt",
-                                  hint="fetch or convert it again")
+            if not f.ok:  # a flipped bit keeps the size: only the hash tells, and a wrong answer must not be silent
+                raise FormatError(root / f.path, f"{f.detail}: the file is corrupt", hint="fetch or convert it again")
         return
     args = ModelArgs.load(root / "params.json")
     if not args.moe:
         return
-    per_layer = (root / "experts" / "layer-00").is_dir()
-    for e in range(args.moe.num_experts):
-        for layer in range(args.n_layers) if per_layer else [None]:
-            rel = f"layer-{layer:02d}/expert-{e:02d}" if per_layer else f"expert-{e:02d}"
-            path = root / "experts" / f"{rel}.safetensors"
-            if not path.is_file():
-                raise FormatError(path, "missing: the per-expert layout needs every expert's file to run")
+    granularity = "layer-expert" if (root / "experts" / "layer-00").is_dir() else "expert"
+    layers = range(args.n_layers) if granularity == "layer-expert" else [0]
+    for layer in layers:  # stops at the first missing file: bounded by the files there, whatever params say
+        for e in range(args.moe.num_experts):
+            rel = output_file(f"layers.{layer}.feed_forward.experts.{e}.w1.weight", granularity)
+            if not (root / rel).is_file():
+                raise FormatError(root / rel, "missing: the per-expert layout needs every expert's file to run")
+
+
+def _file_map(path: Path, maps: dict) -> mmap.mmap:
+    mm = maps.get(path)
+    if mm is None:
+        if not path.stat().st_size:
+            raise FormatError(path, "empty file")
+        with open(path, "rb") as f:
+            mm = maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return mm
+
+
+def mapped(ref: TensorRef, maps: dict | None = None) -> torch.Tensor:
+    """The tensor as a view of a private (copy-on-write) memory map of its file: nothing is read or copied
+    until a page is touched, and those pages are the page cache's, shared with other readers. Split files
+    (a tensor may cross parts) are read instead. Writes to it never reach the file. ``maps`` (path -> map)
+    lets the tensors of one model share one map per file; two models must not share one, or a write to
+    one would show in the other."""
+    dtype = torch_dtype(ref.dtype)
+    if not ref.path.is_file():
+        return from_bytes(ref.read(), ref.dtype, ref.shape)
+    if not ref.nbytes:  # frombuffer refuses an empty range
+        return torch.empty(ref.shape, dtype=dtype)
+    mm = _file_map(ref.path, {} if maps is None else maps)
+    if ref.offset + ref.nbytes > len(mm):  # a mapped page past the end would be SIGBUS, not an error
+        raise FormatError(ref.path, f"{ref.name}: truncated: needs {ref.nbytes} bytes at offset "
+                                    f"{ref.offset}, the file has {len(mm)}")
+    # frombuffer holds a reference to mm, so the mapping lives as long as any tensor made from it.
+    return torch.frombuffer(mm, dtype=dtype, count=ref.nbytes // dtype.itemsize, offset=ref.offset).view(ref.shape)
+
+
+def from_bytes(data: bytearray, code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A writable CPU tensor over these bytes, without a copy."""
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(shape, dtype=torch_dtype(code))
+    return torch.frombuffer(data, dtype=torch_dtype(code)).reshape(shape)
 
 
 def tensor_for(t: CanonTensor, device: torch.device, dtype: torch.dtype | None, maps: dict,
                copy: bool = False) -> torch.Tensor:
     """One canonical tensor on device in dtype: mapped without a copy when nothing needs to change, unless
     ``copy`` asks for a private one in memory the allocator aligned."""
-    x = t.ref.mapped(maps) if t.ref is not None else t.load()  # transformed tensors (HF q/k, stacked) are read
-    want = dtype or DTYPES[t.dtype]
+    # Tensors stored otherwise (HF q/k, the stacked upload's w2) are read and reordered.
+    x = mapped(t.ref, maps) if t.transform is None else from_bytes(t.read(), t.dtype, t.shape)
+    want = dtype or x.dtype
     y = x if want == x.dtype and device.type == "cpu" else x.to(device=device, dtype=want)
     # A mapped tensor starts wherever its file puts it, and a tensor read into a bytearray at a 16-byte
     # boundary; matmul kernels take other paths for other alignments, so rounding follows the file layout.

@@ -1,4 +1,7 @@
-"""Mixtral (and dense Mistral) in plain PyTorch: the forward pass of shared/RELEASES.md, "Forward semantics".
+"""Mixtral (and dense Mistral) in plain PyTorch, the forward pass of mistral-inference and transformers'
+MixtralForCausalLM: ``h = x + attention(attention_norm(x))``, ``out = h + moe(ffn_norm(h))``, then ``norm``
+and ``output``; RMSNorm in float32; causal grouped-query attention with Mistral's interleaved-pair RoPE; a
+router that softmaxes the top-k gate logits in float32; SwiGLU experts ``w2(silu(w1 x) * w3 x)``.
 
 Module names are Mistral's checkpoint names, so a canonical tensor name is a state-dict key as is
 (``layers.3.feed_forward.experts.5.w1.weight``) and the per-expert files map one to one onto modules.
@@ -7,6 +10,7 @@ Dimensions used in the shape comments:
     B batch             T new tokens this step       S keys in view (cached + new)     D model dim
     H query heads       K kv heads                   G = H // K query heads per kv     Hd head dim
     E experts           k experts per token          F expert (or FFN) hidden dim      V vocab
+    nh heads of a tensor (H for queries, K for keys and values)
     N = B * T tokens, flattened for the experts
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.config import ModelArgs
+from weightswarm.formats.params import ModelArgs
 
 
 class RMSNorm(nn.Module):

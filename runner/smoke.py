@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from runner.generate import generate
-from runner.load import build_model, load_model, open_checked, resolve_device, resolve_dtype
-from runner.tensorfile import DTYPES
-from runner.model import Transformer
-from weightswarm.errors import InputError
+from weightswarm.core.errors import InputError, OptionError
+from weightswarm.runner.generate import generate
+from weightswarm.runner.load import build_model, load_model, open_checked, resolve_device, resolve_dtype, torch_dtype
+from weightswarm.runner.model import Transformer
+from weightswarm.runner.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -44,31 +44,28 @@ def parse_tokens(text: str) -> list[int]:
     try:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise InputError(text, "not a comma-separated list of token ids (e.g. 1,415,2936)") from None
+        raise OptionError("--tokens", text, "not a comma-separated list of token ids (e.g. 1,415,2936)") from None
     if not ids:
-        raise InputError(text, "no token ids given")
+        raise OptionError("--tokens", text, "no token ids given")
     return ids
 
 
 def _prompt(model_dir: Path, tokenizer: Path | None, vocab: int, prompt: str | None,
-            tokens: list[int] | None) -> tuple[list[int], object | None]:
-    """The prompt's token ids, and the SentencePiece processor when the folder has tokenizer.model."""
+            tokens: list[int] | None) -> tuple[list[int], Tokenizer | None]:
+    """The prompt's token ids, and the tokenizer when the folder has tokenizer.model."""
     if prompt is not None and tokens is not None:
-        raise InputError("--tokens", "give a prompt or token ids, not both")
-    sp = None
-    if tokenizer is not None:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+        raise OptionError("--tokens", ",".join(map(str, tokens)), "give a prompt or token ids, not both")
+    tok = Tokenizer(tokenizer) if tokenizer is not None else None
     if tokens is None:
-        if sp is None:
+        if tok is None:
             raise InputError(model_dir / "tokenizer.model", "no such file, so a text prompt cannot be encoded",
                              hint="give token ids instead, e.g. --tokens 1,415,2936")
-        tokens = [sp.bos_id()] + sp.encode(DEFAULT_PROMPT if prompt is None else prompt)  # BOS, as Mistral does
+        tokens = tok.encode(DEFAULT_PROMPT if prompt is None else prompt)
     bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
-        raise InputError("--tokens", f"token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
-    return list(tokens), sp
+        raise OptionError("--tokens", ",".join(map(str, tokens)), f"token id(s) {bad[:5]} outside the vocabulary "
+                          f"[0, {vocab})")
+    return list(tokens), tok
 
 
 def smoke(model_dir, prompt: str | None = None, tokens: list[int] | None = None,
@@ -79,15 +76,15 @@ def smoke(model_dir, prompt: str | None = None, tokens: list[int] | None = None,
     a missing or broken weight file."""
     model_dir = Path(model_dir)
     if max_new_tokens < 1:
-        raise InputError(str(max_new_tokens), "--max-new-tokens must be at least 1")
+        raise OptionError("--max-new-tokens", max_new_tokens, "must be at least 1")
     device = resolve_device(device)
     t0 = time.perf_counter()
     layout = open_checked(model_dir)
-    run_dtype = resolve_dtype(dtype) or DTYPES[layout.tensors["output.weight"].dtype]
+    run_dtype = resolve_dtype(dtype) or torch_dtype(layout.tensors["output.weight"].dtype)
     exact = reference is not None and run_dtype == torch.float32  # see the module docstring
     model = build_model(layout, device, run_dtype, copy=exact)
     load_seconds = time.perf_counter() - t0
-    ids, sp = _prompt(model_dir, layout.tokenizer, layout.params.vocab_size, prompt, tokens)
+    ids, tok = _prompt(model_dir, layout.tokenizer, layout.params.vocab_size, prompt, tokens)
 
     moe = model.moe_layers()
     for m in moe:
@@ -121,8 +118,8 @@ def smoke(model_dir, prompt: str | None = None, tokens: list[int] | None = None,
                                 "passed": weight_error <= WEIGHT_SUM_TOLERANCE},
         },
     }
-    if sp is not None:
-        result["text"] = sp.decode(gen.tokens)
+    if tok is not None:
+        result["text"] = tok.decode(gen.tokens)  # bytes that are not (yet) valid UTF-8 shown escaped
     if reference is not None:
         del model, gen
         _free(device)
@@ -177,7 +174,7 @@ def print_report(r: dict, file=None) -> None:
     prompt = f"{r['prompt']!r}, " if r.get("prompt") is not None else ""
     line("prompt", f"{prompt}{len(r['prompt_tokens'])} tokens: {_ids(r['prompt_tokens'])}")
     if "text" in r:
-        line("output", repr(r["text"]))
+        line("output", _shown(r["text"]))
     line("tokens", _ids(r["generated_tokens"]))
     decode = f"{r['tokens_per_second']:.1f} tokens/s" if r["tokens_per_second"] else "-"
     line("speed", f"prefill {len(r['prompt_tokens'])} tokens in {r['prefill_seconds']:.3f} s; decode {decode}")
@@ -199,6 +196,12 @@ def print_report(r: dict, file=None) -> None:
                     f"top-1 agreement {100 * ref['top1_agreement']:.1f}% over {ref['positions']} positions",
                ref["passed"])
     print("PASS" if r["passed"] else "FAIL", file=out)
+
+
+def _shown(text: str) -> str:
+    """Generated text on one line: control characters escaped, the rest (and its \\xNN escapes) as is."""
+    controls = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 13: "\\r", 127: "\\x7f"}
+    return '"' + text.translate(controls) + '"'
 
 
 def _check(out, text: str, ok: bool) -> None:

@@ -10,10 +10,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from runner.config import ModelArgs
-from runner.layouts import hf_config_from_params, mistral_to_hf, permute_for_hf
+from weightswarm.formats.hf import hf_config_from_params, mistral_to_hf
+from weightswarm.formats.params import ModelArgs
 
 Sd = dict[str, torch.Tensor]
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Mistral's wq/wk rows -> HF's, as transformers' conversion script does it (not our byte-level code)."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
 def _params(folder: Path, args: ModelArgs) -> None:

@@ -7,7 +7,7 @@ import libtorrent as lt
 import torch
 from safetensors.torch import save_file
 
-from conftest import LOOPBACK, run_ws
+from tests.support import LOOPBACK, run_ws
 
 
 def listing(root) -> list[str]:
@@ -143,9 +143,9 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 def test_bad_options(tmp_path, tiny_release):
     r = run_ws("create", tiny_release, "-o", tmp_path / "x.torrent", "--piece-size", "1000")
-    assert_refused(r, "Error: 1000: piece size must be a power of two of at least 16 KiB")
+    assert_refused(r, "Error: --piece-size 1000: must be a power of two from 16 KiB to 16 MiB")
     r = run_ws("fetch", "mixtral-8x7b", "-o", tmp_path / "out", "--peer", "nowhere")
-    assert_refused(r, "Error: nowhere: not a valid peer (expected HOST:PORT)")
+    assert_refused(r, "Error: --peer nowhere: not a valid address (expected HOST:PORT)")
     r = run_ws("synth", tiny_release)
     assert r.returncode == 2 and "already exists and is not empty" in r.stderr
     assert listing(tmp_path) == []

@@ -8,14 +8,15 @@ import subprocess
 import pytest
 from safetensors import safe_open
 
-from conftest import WS, run_ws, tree_bytes
+from tests.support import WS, run_ws, tree_bytes
 
 
 def test_layout_and_manifest(converted, tiny_release):
     files = sorted(tree_bytes(converted))
     assert files == ["dense.safetensors"] + [f"experts/expert-{e:02d}.safetensors" for e in range(8)] + [
         "manifest.json", "params.json", "tokenizer.model"]
-    assert not (converted / ".convert").exists()
+    # Only the job's record stays behind, hidden: a rerun of the same job is a no-op.
+    assert [p.name for p in (converted / ".convert").iterdir()] == ["job.json"]
     m = json.loads((converted / "manifest.json").read_text())
     assert (m["format"], m["version"]) == ("weightswarm-manifest", 1)
     assert m["source"]["layout"] == "consolidated-pth"
@@ -131,13 +132,13 @@ def test_kill_9_then_rerun_finishes_with_the_same_bytes(tmp_path, converted_smal
     assert not (out / "dense.safetensors").exists()  # nothing under a final name yet
     r = run_ws("convert", src, "-o", out)
     assert r.returncode == 0, r.stderr
-    assert not (out / ".convert").exists()
+    assert [p.name for p in (out / ".convert").iterdir()] == ["job.json"]
     assert tree_bytes(out) == tree_bytes(reference)
 
 
 @pytest.fixture(scope="session")
 def converted_small_reference(tmp_path_factory):
-    from runner.synth import synthesize
+    from weightswarm.convert.synth import synthesize
 
     base = tmp_path_factory.mktemp("small")
     synthesize(base / "src", preset="small")
@@ -193,7 +194,8 @@ def test_manifest_of_any_folder_has_the_same_tensor_hashes(converted, tiny_relea
 def test_truncated_source_names_file_and_tensor(tmp_path):
     from safetensors.torch import save_file
 
-    from runner.synth import make_state_dict, preset_args
+    from weightswarm.convert.presets import preset_args
+    from weightswarm.convert.synth import make_state_dict
 
     args = preset_args("tiny")
     src = tmp_path / "src"

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from conftest import run_ws
-from layout_builders import write_consolidated_pth, write_consolidated_safetensors, write_hf, write_stacked
-from runner.synth import make_state_dict, preset_args
+from tests.support import run_ws
+from tests.layout_builders import write_consolidated_pth, write_consolidated_safetensors, write_hf, write_stacked
+from weightswarm.convert.presets import preset_args
+from weightswarm.convert.synth import make_state_dict
 
 BUILDERS = {
     "consolidated-pth": lambda d, sd, a: write_consolidated_pth(d, sd, a),

@@ -7,10 +7,10 @@ import shutil
 import libtorrent as lt
 import pytest
 
-from conftest import run_ws
-from distrib.create import CreateOptions, auto_piece_size, create_torrent, write_torrent
-from distrib.torrentfile import load_torrent, parse_torrent
-from verify.pieces import verify_pieces
+from tests.support import run_ws
+from weightswarm.distrib.create import CreateOptions, auto_piece_size, create_torrent, write_torrent
+from weightswarm.distrib.torrentfile import load_torrent, parse_torrent
+from weightswarm.verify.pieces import verify_pieces
 
 PIECE = 16 * 1024
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import signal
 
-from conftest import LOOPBACK, flip_byte, run_ws, tree_bytes
-from daemon_util import Daemon, place
+from tests.support import LOOPBACK, flip_byte, run_ws, tree_bytes
+from tests.support import Daemon, place
 
 
 def _fetch(nodes, torrent, out, *args):
@@ -13,7 +13,7 @@ def _fetch(nodes, torrent, out, *args):
 
 
 def test_add_fetch_then_sigterm_restart_resumes_without_recheck(nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     data, state = tmp_path / "data", tmp_path / "state"
@@ -47,7 +47,7 @@ def test_add_fetch_then_sigterm_restart_resumes_without_recheck(nodes, tiny_rele
 
 def test_kill_9_then_restart_rechecks_only_the_torrent_whose_files_changed(nodes, tiny_release, tiny_torrent,
                                                                           tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     data, state = tmp_path / "data", tmp_path / "state"
     place(tiny_release, data / "a")
@@ -77,7 +77,7 @@ def test_kill_9_then_restart_rechecks_only_the_torrent_whose_files_changed(nodes
 
 def test_scrub_finds_a_flipped_byte_takes_the_piece_out_of_service_and_fetches_it_again(
         nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     ih = t.info_hash
@@ -129,7 +129,7 @@ def test_scrub_finds_a_flipped_byte_takes_the_piece_out_of_service_and_fetches_i
 
 
 def test_web_seed_alone_completes_a_fetch_and_serves_ranges(nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     data = tmp_path / "data"
@@ -154,7 +154,7 @@ def test_web_seed_alone_completes_a_fetch_and_serves_ranges(nodes, tiny_release,
 
 
 def test_magnet_metadata_from_a_peer_then_download_into_data(nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     data, state = tmp_path / "data", tmp_path / "state"

@@ -8,7 +8,7 @@ import stat
 import libtorrent as lt
 import pytest
 
-from daemon_util import Daemon, place
+from tests.support import Daemon, place
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def test_malformed_input_and_big_bodies(daemon, tiny_torrent):
 
 
 def test_add_conflict_remove_and_remove_with_data(daemon, tiny_torrent):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     assert daemon.add(tiny_torrent.read_bytes(), "rel")[0] == 201
@@ -79,7 +79,7 @@ def test_add_conflict_remove_and_remove_with_data(daemon, tiny_torrent):
 
 
 def test_web_seed_stays_inside_the_torrent(daemon, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     assert daemon.add(tiny_torrent.read_bytes(), "rel")[0] == 201
@@ -105,8 +105,8 @@ def test_openapi_file_describes_every_route():
     import types
     from pathlib import Path
 
-    from distrib.api import make_app
-    from distrib.daemon_config import DaemonConfig
+    from weightswarm.distrib.daemon.api import make_app
+    from weightswarm.distrib.daemon.config import DaemonConfig
 
     import yaml
 

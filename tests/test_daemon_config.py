@@ -8,25 +8,26 @@ from pathlib import Path
 
 import pytest
 
-from distrib.daemon_config import DEFAULTS, DaemonConfig, load_config
-from distrib.daemon_state import read_or_create_token
-from distrib.daemon_torrents import Forbidden, PathGuard
-from weightswarm.errors import InputError
+from weightswarm.distrib.daemon.config import DEFAULTS, DaemonConfig, load_config
+from weightswarm.distrib.daemon.state import read_or_create_token
+from weightswarm.core.errors import Forbidden, InputError, OptionError
+from weightswarm.distrib.daemon.torrents import PathGuard
 
 
 def test_defaults_then_file_then_environment_then_command_line(tmp_path):
-    assert load_config({}, env={}) == DaemonConfig()
+    assert load_config({}, env={}) == (DaemonConfig(), frozenset())
     toml = tmp_path / "ws.toml"
     toml.write_text('data = "/srv/weights"\napi = "127.0.0.1:9000"\nscrub-interval = "1h"\n'
                     'max_upload_rate = "10m"\ndht = false\nmax_connections = 50\n')
-    cfg = load_config({}, toml, env={})
+    cfg, given = load_config({}, toml, env={})
+    assert given == {"data", "api", "scrub_interval", "max_upload_rate", "dht", "max_connections"}
     assert (cfg.data, cfg.api, cfg.scrub_interval, cfg.max_upload_rate, cfg.dht, cfg.max_connections) == \
         (Path("/srv/weights"), "127.0.0.1:9000", 3600.0, 10 * 1024 ** 2, False, 50)
     assert cfg.listen == DEFAULTS.listen
     env = {"WEIGHTSWARM_API": "127.0.0.1:9001", "WEIGHTSWARM_DHT": "yes", "WEIGHTSWARM_CONFIG": str(toml)}
-    cfg = load_config({"api": None, "scrub_rate": "1m"}, env=env)  # the file named by the environment
+    cfg, _ = load_config({"api": None, "scrub_rate": "1m"}, env=env)  # the file named by the environment
     assert (cfg.api, cfg.dht, cfg.scrub_interval, cfg.scrub_rate) == ("127.0.0.1:9001", True, 3600.0, 1024 ** 2)
-    cfg = load_config({"api": "127.0.0.1:9002", "dht": False}, toml, env=env)
+    cfg, _ = load_config({"api": "127.0.0.1:9002", "dht": False}, toml, env=env)
     assert (cfg.api, cfg.dht, cfg.data) == ("127.0.0.1:9002", False, Path("/srv/weights"))
     assert DaemonConfig(state=Path("/s")).token_path == Path("/s/api-token")
     assert DaemonConfig(state=Path("/s"), token_file=Path("/t")).token_path == Path("/t")
@@ -40,14 +41,17 @@ def test_bad_settings_name_where_they_came_from(tmp_path):
     toml.write_text("data = \n")
     with pytest.raises(InputError, match="not a valid TOML file"):
         load_config({}, toml, env={})
-    with pytest.raises(InputError) as e:
+    with pytest.raises(OptionError) as e:
         load_config({}, env={"WEIGHTSWARM_MAX_UPLOAD_RATE": "fast"})
-    assert e.value.path == "WEIGHTSWARM_MAX_UPLOAD_RATE"
-    with pytest.raises(InputError) as e:
+    assert (e.value.option, e.value.value, e.value.path) == ("WEIGHTSWARM_MAX_UPLOAD_RATE", "fast", "")
+    with pytest.raises(OptionError) as e:
         load_config({"api": "localhost"}, env={})
-    assert e.value.path == "--api"
+    assert e.value.option == "--api"
+    with pytest.raises(OptionError) as e:  # a unit that is not one: said plainly, not as a float parse error
+        load_config({"scrub_interval": "7x"}, env={})
+    assert e.value.subject == "--scrub-interval 7x" and e.value.problem.startswith("not a duration")
     with pytest.raises(InputError, match="missing: give --data"):
-        load_config({}, env={}).require_dirs()
+        load_config({}, env={})[0].require_dirs()
 
 
 def test_token_is_created_private_once(tmp_path):
@@ -64,7 +68,9 @@ def test_save_paths_stay_under_data(tmp_path):
     guard = PathGuard(data)
     assert guard.confine_save_path("models/") == "models"
     assert guard.confine_save_path("") == guard.confine_save_path(".") == ""
-    assert guard.confine_save_path("up/data/models") == "up/data/models"  # a detour that ends inside is fine
-    for bad in ("..", "models/../..", "/etc", str(data / "models"), "up", "up/x", "C:/x"):
+    assert guard.confine_save_path("up/data/models") == "models"  # a detour that ends inside is fine
+    assert guard.confine_save_path(str(data / "models")) == "models"  # absolute inside --data too
+    assert guard.confine_save_path(str(data.resolve())) == ""
+    for bad in ("..", "models/../..", "/etc", str(tmp_path), "up", "up/x", "models\\..\\.."):
         with pytest.raises(Forbidden):
             guard.confine_save_path(bad)

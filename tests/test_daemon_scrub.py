@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from conftest import flip_byte
-from distrib.create import CreateOptions, write_torrent
-from distrib.scrub import Cancelled, RateLimit, scrub
+from tests.support import flip_byte
+from weightswarm.distrib.create import CreateOptions, write_torrent
+from weightswarm.distrib.daemon.scrub import Cancelled, RateLimit, scrub
 
 
 @pytest.mark.parametrize("fmt", ["v1", "hybrid", "v2"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import run_ws
+from tests.support import run_ws
 
 
 def test_demo_runs_every_stage_and_stops_its_processes(tmp_path):

@@ -5,11 +5,11 @@ import json
 import subprocess
 import sys
 
-from conftest import LOOPBACK, flip_byte, free_port, run_ws, seeder, tree_bytes, wait_listening
+from tests.support import LOOPBACK, flip_byte, free_port, run_ws, seeder, tree_bytes, wait_listening
 
 
 def test_only_fetches_the_chosen_files_and_their_bytes(nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     assert any(f.pad for f in t.files())  # hybrid: pad files align each file to a piece
@@ -72,7 +72,7 @@ def test_catalog_lists_the_known_releases():
     m = releases["mixtral-8x7b"]
     assert m["magnet"].startswith("magnet:?xt=urn:btih:5546272da9065eddeb6fcd7ffddeef5b75be79a7&dn=mixtral-8x7b-32kseqlen")
     assert ["consolidated.00.pth", "1faa9bc9b20fcfe81fcd4eb7166a79e6"] in m["md5"]
-    from distrib.source import resolve
+    from weightswarm.distrib.source import resolve
 
     src = resolve("mixtral-8x7b")
     assert src.key == "5546272da9065eddeb6fcd7ffddeef5b75be79a7" and src.release.name == "mixtral-8x7b"
@@ -96,16 +96,24 @@ def test_publisher_md5_mismatch_after_download_exits_1(nodes, tiny_release, tmp_
     assert "verified: FAILED" in r.stdout
 
 
-def test_timeout_without_peers_exits_2(tiny_torrent, tmp_path):
-    r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{free_port()}", *LOOPBACK,
-               "--timeout", "2")
-    assert r.returncode == 2
-    assert r.stderr.splitlines()[0] == f"Error: {tiny_torrent}: no data received for 2 s (0 peers)"
+def test_a_swarm_that_delivers_nothing_exits_3_saying_what_was_tried(tiny_torrent, tmp_path):
+    """Not bad input (2) nor wrong data (1): the swarm did not deliver (3), and a rerun continues."""
+    port = free_port()
+    r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "out", "--peer", f"127.0.0.1:{port}", *LOOPBACK,
+               "--timeout", "2", "--json")
+    assert r.returncode == 3, r.stderr
+    assert r.stderr.splitlines()[0] == (f"Error: {tiny_torrent}: could not complete: no data for 2 s; "
+                                        "no trackers; DHT off; 1 peer tried, 0 connected")
+    assert r.stderr.splitlines()[1].startswith("Hint: run the same command again to continue")
+    last = json.loads(r.stdout.splitlines()[-1])  # --json: the error is the last event, on stdout too
+    assert last["event"] == "error" and last["exit_code"] == 3 and "could not complete" in last["problem"]
+    waiting = [json.loads(line) for line in r.stdout.splitlines() if '"progress"' in line]
+    assert waiting and waiting[-1]["swarm"]["peers_tried"] == 1  # what is tried shows while it waits
 
 
 def test_only_on_a_v1_torrent_and_a_bare_info_hash(nodes, tiny_release, tmp_path):
     """v1 pieces straddle files: the neighbours' bytes go to the part file, never into the payload folder."""
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     torrent = tmp_path / "v1.torrent"
     assert run_ws("create", tiny_release, "-o", torrent, "--format", "v1").returncode == 0

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from conftest import LOOPBACK, free_port, run_ws, seeder, tree_bytes, wait_listening
+from tests.support import LOOPBACK, free_port, run_ws, seeder, tree_bytes, wait_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed (apt-get install aria2)")
 
@@ -37,7 +37,7 @@ def test_fetch_from_aria2c(tiny_release, tmp_path):
 
 @pytest.mark.skipif(shutil.which("opentracker") is None, reason="opentracker is not installed (apt-get install opentracker)")
 def test_seeder_and_fetcher_find_each_other_through_a_real_tracker(nodes, tiny_release, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     port = free_port()
     torrent = tmp_path / "tracked.torrent"

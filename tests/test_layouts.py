@@ -1,4 +1,4 @@
-"""runner.layouts: the four input layouts, built from one state dict, read back bit-identically."""
+"""weightswarm.formats.layouts: the four input layouts, built from one state dict, read back bit-identically."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from layout_builders import (to_hf, to_stacked, write_consolidated_pth, write_consolidated_safetensors,
-                             write_hf, write_stacked)
-from runner.layouts import (hf_config_from_params, hf_to_mistral, mistral_to_hf, open_layout, params_from_hf_config,
-                            permute_for_hf, unpermute_from_hf)
-from runner.synth import make_state_dict, preset_args
-from runner.tensorfile import safetensors_refs
-from weightswarm.errors import FormatError
+from tests.layout_builders import (permute_for_hf, to_hf, to_stacked, write_consolidated_pth,
+                                   write_consolidated_safetensors, write_hf, write_stacked)
+from weightswarm.convert.presets import preset_args
+from weightswarm.convert.synth import make_state_dict
+from weightswarm.core.errors import FormatError
+from weightswarm.formats import safetensors
+from weightswarm.formats.hf import (hf_config_from_params, hf_row_order, hf_to_mistral, mistral_to_hf,
+                                    params_from_hf_config, reorder_rows)
+from weightswarm.formats.layouts import open_layout
+from weightswarm.runner.load import from_bytes
 
 ARGS = preset_args("tiny")
 SD = make_state_dict(ARGS)
@@ -36,6 +39,10 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
+def tensor(ct) -> torch.Tensor:
+    return from_bytes(ct.read(), ct.dtype, ct.shape)
+
+
 @pytest.mark.parametrize("build", BUILDS)
 def test_every_layout_reads_back_the_same_weights(tmp_path, build):
     write, kind, args = BUILDS[build]
@@ -43,10 +50,10 @@ def test_every_layout_reads_back_the_same_weights(tmp_path, build):
     (src / "tokenizer.model").write_bytes(b"spm")
     layout = open_layout(src)
     assert (layout.kind, layout.root, layout.params, layout.tokenizer) == (kind, src, args, src / "tokenizer.model")
-    assert list(layout.tensors) == list(ARGS.tensor_shapes())
+    assert list(layout.tensors) == [n for n, _ in ARGS.tensor_shapes()]
     for name, ct in layout.tensors.items():
         assert (ct.name, ct.dtype, ct.shape, ct.nbytes) == (name, "BF16", tuple(SD[name].shape), SD[name].nbytes)
-        t = ct.load()
+        t = tensor(ct)
         assert t.is_contiguous() and t.dtype == torch.bfloat16 and t.shape == SD[name].shape
         assert torch.equal(bits(t), bits(SD[name])), name
     weight_files = sorted(p for p in src.iterdir() if p.suffix in (".pth", ".pt", ".safetensors") or "-split" in p.name)
@@ -55,17 +62,13 @@ def test_every_layout_reads_back_the_same_weights(tmp_path, build):
         assert [p.name for p in layout.files] == [f"consolidated.00.pth-split{i}" for i in range(4)]
 
 
-def test_load_reads_only_its_own_bytes(tmp_path, monkeypatch):
-    """A stacked expert's load() reads that expert's rows, not the whole stack."""
-    from runner.tensorfile import TensorRef
-
+def test_read_takes_only_its_own_bytes(tmp_path):
+    """A stacked expert's bytes are that expert's rows of the stack, not the whole stack."""
     layout = open_layout(write_stacked(tmp_path / "s", SD, ARGS))
-    sizes = []
-    real = TensorRef._read
-    monkeypatch.setattr(TensorRef, "_read", lambda self, off, n: sizes.append(n) or real(self, off, n))
-    t = layout.tensors["layers.1.feed_forward.experts.5.w2.weight"].load()
-    assert sizes == [ARGS.hidden_dim * ARGS.dim * 2]
-    assert torch.equal(bits(t), bits(SD["layers.1.feed_forward.experts.5.w2.weight"]))
+    ct = layout.tensors["layers.1.feed_forward.experts.5.w2.weight"]
+    stack = next(r for r in layout.tensors.values() if r.ref.name == "layers.1.block_sparse_moe.w2")
+    assert ct.ref.nbytes == ARGS.hidden_dim * ARGS.dim * 2 and ct.ref.offset > stack.ref.offset
+    assert torch.equal(bits(tensor(ct)), bits(SD["layers.1.feed_forward.experts.5.w2.weight"]))
 
 
 def test_transformers_save_pretrained_opens_as_hf(tmp_path):
@@ -79,10 +82,10 @@ def test_transformers_save_pretrained_opens_as_hf(tmp_path):
     layout = open_layout(tmp_path / "hf")
     assert layout.kind == "hf"
     assert layout.params == dataclasses.replace(ARGS, rope_theta=1e6)
-    assert {n: ct.shape for n, ct in layout.tensors.items()} == ARGS.tensor_shapes()
+    assert {n: ct.shape for n, ct in layout.tensors.items()} == dict(ARGS.tensor_shapes())
     saved = load_file(tmp_path / "hf" / "model.safetensors")
     for name, ct in layout.tensors.items():
-        t, hf = ct.load(), saved[mistral_to_hf(name)]
+        t, hf = tensor(ct), saved[mistral_to_hf(name)]
         if name.endswith(("wq.weight", "wk.weight")):
             heads = ARGS.n_heads if "wq" in name else ARGS.n_kv_heads
             assert torch.equal(bits(permute_for_hf(t, heads)), bits(hf))
@@ -114,11 +117,15 @@ def test_unpermuted_weights_give_the_same_attention_scores():
     scores_m = torch.einsum("qhd,khd->hqk", q_m, k_m.repeat_interleave(rep, dim=1))
     scores_h = torch.einsum("hqd,hkd->hqk", q_h[0], k_h[0].repeat_interleave(rep, dim=0))
     assert torch.allclose(scores_m, scores_h, atol=1e-3)
-    assert torch.equal(unpermute_from_hf(permute_for_hf(wq, n), n), wq)
+    # The byte-level reordering the readers use is the same permutation, both ways.
+    raw = bytearray(wq.numpy().tobytes())
+    to_hf = reorder_rows(raw, n * hd, hf_row_order(n * hd, n, to_hf=True))
+    assert bytes(to_hf) == permute_for_hf(wq, n).contiguous().numpy().tobytes()
+    assert reorder_rows(to_hf, n * hd, hf_row_order(n * hd, n, to_hf=False)) == raw
 
 
 def test_names_and_config_round_trip():
-    for name in ARGS.tensor_shapes():
+    for name, _ in ARGS.tensor_shapes():
         assert hf_to_mistral(mistral_to_hf(name)) == name
     assert mistral_to_hf("layers.0.feed_forward.experts.3.w2.weight") == \
         "model.layers.0.block_sparse_moe.experts.3.w2.weight"
@@ -238,10 +245,10 @@ def test_truncated_file_names_tensor_on_load(tmp_path):
     src = write_consolidated_safetensors(tmp_path, SD, ARGS)
     layout = open_layout(src)
     path = src / "consolidated.safetensors"
-    last = max(safetensors_refs(path).values(), key=lambda r: r.offset)
-    path.write_bytes(path.read_bytes()[:-10])  # cut after open: load() notices
+    last = max(safetensors.refs(path).values(), key=lambda r: r.offset)
+    path.write_bytes(path.read_bytes()[:-10])  # cut after open: read() notices
     with pytest.raises(FormatError) as e:
-        layout.tensors[last.name].load()
+        layout.tensors[last.name].read()
     assert (e.value.path, e.value.problem) == (
         str(path), f"{last.name}: truncated: needs {last.nbytes} bytes at offset {last.offset}, got {last.nbytes - 10}")
 

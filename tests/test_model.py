@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from runner.convert import convert
-from runner.generate import generate, sample
-from runner.layouts import Layout, open_layout
-from runner.load import build_model, load_model
-from runner.model import KVCache, attention_mask
+from weightswarm.convert.convert import convert
+from weightswarm.runner.generate import generate, sample
+from weightswarm.formats.layouts import Layout, open_layout
+from weightswarm.runner.load import build_model, load_model
+from weightswarm.runner.model import KVCache, attention_mask
 
 PROMPTS = [[1], [1, 17, 42, 99, 250, 3, 7], [1, 5, 280, 33, 33, 190, 64, 2, 128, 77, 12, 240, 9, 150, 6, 71, 13, 299]]
 
@@ -170,7 +170,7 @@ def test_loading_maps_the_files_without_a_copy(converted):
     params = dict(model.named_parameters())
     assert set(params) == set(layout.tensors)
     for name, t in layout.tensors.items():
-        assert t.ref is not None and params[name].dtype == torch.bfloat16
+        assert t.transform is None and params[name].dtype == torch.bfloat16
         assert _inside_map(params[name], model, t.ref.path), name
     expert = "layers.1.feed_forward.experts.6.w2.weight"
     assert layout.tensors[expert].ref.path.name == "expert-06.safetensors"
@@ -190,8 +190,8 @@ def test_loading_maps_the_files_without_a_copy(converted):
 def test_transformed_tensors_are_read(pair):
     _, _, base = pair
     layout = open_layout(base / "hf")
-    assert layout.tensors["layers.0.attention.wq.weight"].ref is None  # q/k come un-permuted: a fresh tensor
-    assert layout.tensors["layers.0.attention.wv.weight"].ref is not None
+    assert layout.tensors["layers.0.attention.wq.weight"].transform is not None  # q/k come un-permuted: read
+    assert layout.tensors["layers.0.attention.wv.weight"].transform is None  # the rest as stored: mapped
 
 
 def test_sampling_is_seeded(converted):
@@ -207,12 +207,13 @@ def test_sampling_is_seeded(converted):
 
 
 def test_mapping_a_truncated_file_is_an_error_not_a_crash(tmp_path):
-    from runner.tensorfile import TensorRef
-    from weightswarm.errors import FormatError
+    from weightswarm.core.errors import FormatError
+    from weightswarm.formats.tensorref import TensorRef
+    from weightswarm.runner.load import mapped
 
     path = tmp_path / "short.bin"
     path.write_bytes(bytes(24))
-    assert TensorRef("w", "F32", (4,), path, 8, 16).mapped().tolist() == [0.0] * 4
+    assert mapped(TensorRef("w", "F32", (4,), path, 8, 16)).tolist() == [0.0] * 4
     with pytest.raises(FormatError, match="truncated") as e:
-        TensorRef("w", "F32", (8,), path, 8, 32).mapped()  # a page past the end would be SIGBUS
+        mapped(TensorRef("w", "F32", (8,), path, 8, 32))  # a page past the end would be SIGBUS
     assert e.value.path == str(path)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 
-from conftest import LOOPBACK, seeder, tree_bytes
+from tests.support import LOOPBACK, seeder, tree_bytes
 
 
 def _half_done(e: dict) -> bool:
@@ -11,7 +11,7 @@ def _half_done(e: dict) -> bool:
 
 
 def _interrupted_then_resumed(nodes, tiny_release, tiny_torrent, out, sig):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     # A slow seeder so the fetch is caught half way.

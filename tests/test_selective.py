@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 
-from conftest import LOOPBACK, run_ws, seeder
+from tests.support import LOOPBACK, run_ws, seeder
 
 
 def test_fetch_two_experts_from_a_converted_release(nodes, converted, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     torrent = tmp_path / "experts.torrent"
     assert run_ws("create", converted, "-o", torrent).returncode == 0

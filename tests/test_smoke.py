@@ -9,10 +9,11 @@ import shutil
 import pytest
 import torch
 
-from layout_builders import write_hf
-from runner.smoke import DEFAULT_PROMPT, parse_tokens, print_report, smoke
-from runner.synth import make_state_dict, preset_args
-from weightswarm.errors import FormatError, InputError
+from tests.layout_builders import write_hf
+from weightswarm.runner.smoke import DEFAULT_PROMPT, parse_tokens, print_report, smoke
+from weightswarm.convert.presets import preset_args
+from weightswarm.convert.synth import make_state_dict
+from weightswarm.core.errors import FormatError, InputError
 
 
 def test_smoke_equals_the_release_bit_for_bit(converted, tiny_release):
@@ -126,7 +127,7 @@ def test_cli_smoke_of_a_transformers_model_against_its_source_in_float32(tmp_pat
     conversion)."""
     import transformers
 
-    from conftest import run_ws
+    from tests.support import run_ws
 
     torch.manual_seed(0)
     config = transformers.MixtralConfig(

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import signal
 
-from conftest import LOOPBACK, seeder, tree_bytes
+from tests.support import LOOPBACK, seeder, tree_bytes
 
 
 def test_seeder_and_two_concurrent_fetchers_one_by_magnet(nodes, tiny_release, tiny_torrent, tmp_path):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     # A slow seed keeps both fetchers busy at the same time, so they trade pieces with each other.

@@ -1,4 +1,4 @@
-"""Tests of runner.synth: the synthetic Mixtral-shaped release."""
+"""Tests of weightswarm.convert.synth: the synthetic Mixtral-shaped release."""
 from __future__ import annotations
 
 import hashlib
@@ -16,10 +16,11 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from runner import synth
-from runner.config import ModelArgs
-from runner.synth import CHECKPOINT, PRESETS, preset_args, synthesize
-from weightswarm.errors import InputError
+from weightswarm.convert import synth
+from weightswarm.formats.params import ModelArgs
+from weightswarm.convert.presets import PRESETS, preset_args
+from weightswarm.convert.synth import CHECKPOINT, synthesize
+from weightswarm.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {"params.json", CHECKPOINT, "tokenizer.model", "RELEASE"}
@@ -54,7 +55,7 @@ def test_params_json_like_the_shipped_one(release):
 def test_checkpoint_matches_params(release):
     args = ModelArgs.load(release / "params.json")
     sd = torch.load(release / CHECKPOINT, weights_only=True, mmap=True)
-    shapes = args.tensor_shapes()
+    shapes = dict(args.tensor_shapes())
     assert list(sd) == list(shapes)  # same names, same order
     assert {k: tuple(v.shape) for k, v in sd.items()} == shapes
     assert all(v.dtype == torch.bfloat16 for v in sd.values())
@@ -70,7 +71,7 @@ def test_checkpoint_matches_params(release):
 def test_every_tensor_has_its_own_storage(release):
     with zipfile.ZipFile(release / CHECKPOINT) as z:
         records = [n for n in z.namelist() if re.fullmatch(r"[^/]+/data/\d+", n)]
-    assert len(records) == len(preset_args("tiny").tensor_shapes())
+    assert len(records) == preset_args("tiny").tensor_count()
     for t in synth.make_state_dict(preset_args("tiny")).values():
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
 
@@ -78,7 +79,7 @@ def test_every_tensor_has_its_own_storage(release):
 def test_deterministic_across_processes(release, tmp_path):
     # A second run in a fresh process, with another hash seed, must give the same bytes for every file.
     other = tmp_path / "again"
-    code = f"from runner.synth import synthesize; synthesize({str(other)!r})"
+    code = f"from weightswarm.convert.synth import synthesize; synthesize({str(other)!r})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True)
     for name in FILES:
@@ -140,10 +141,14 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     out = tmp_path / "rel"
     with pytest.raises(OSError):
         synthesize(out, split=100)
-    # The two full parts are complete; the third was never given its final name; no RELEASE.
-    assert sorted(p.name for p in out.iterdir()) == [f"{CHECKPOINT}-split0", f"{CHECKPOINT}-split1",
-                                                      "params.json", "tokenizer.model"]
-    assert (out / f"{CHECKPOINT}-split1").read_bytes() == b"x" * 100
+    # Nothing under a final name: the run wrote into its hidden work folder, where the third part was
+    # never given its name either.
+    assert [p.name for p in out.iterdir()] == [".synth"]
+    assert sorted(p.name for p in (out / ".synth").iterdir()) == [f"{CHECKPOINT}-split0", f"{CHECKPOINT}-split1",
+                                                                  "params.json", "tokenizer.model"]
+    monkeypatch.undo()
+    synthesize(out, split=100)  # the same command completes once the cause is gone
+    assert ".synth" not in {p.name for p in out.iterdir()} and (out / "RELEASE").is_file()
 
 
 def test_empty_existing_folder_is_accepted(tmp_path):
@@ -187,5 +192,5 @@ def test_presets_are_valid_and_sized():
         args = preset_args(name)
         args.check()
         assert (args.moe.num_experts, args.moe.num_experts_per_tok) == (8, 2)
-        nbytes = 2 * sum(math.prod(s) for s in args.tensor_shapes().values())
+        nbytes = 2 * sum(math.prod(s) for s in dict(args.tensor_shapes()).values())
         assert low < nbytes < high, name

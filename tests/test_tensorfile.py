@@ -1,4 +1,4 @@
-"""runner.tensorfile: byte ranges of tensors in .pth zips and .safetensors, the restricted unpickler,
+"""weightswarm.formats.torchzip: byte ranges of tensors in .pth zips and .safetensors, the restricted unpickler,
 and the streaming safetensors writer."""
 from __future__ import annotations
 
@@ -14,10 +14,27 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runner.synth import make_state_dict, preset_args
-from runner.tensorfile import (DTYPES, TORCH_TO_CODE, TensorRef, raw_bytes, safetensors_refs, torch_zip_refs,
-                               write_safetensors)
-from weightswarm.errors import FormatError
+from weightswarm.convert.presets import preset_args
+from weightswarm.convert.synth import make_state_dict
+from weightswarm.core.errors import FormatError
+from weightswarm.formats.dtypes import CODE_OF_NAME, DTYPES, NAMES
+from weightswarm.formats.safetensors import refs as safetensors_refs
+from weightswarm.formats.safetensors import write_safetensors
+from weightswarm.formats.tensorref import TensorRef
+from weightswarm.formats.torchzip import torch_zip_refs
+from weightswarm.runner.load import from_bytes
+
+
+def code(t: torch.Tensor) -> str:
+    return CODE_OF_NAME[str(t.dtype).removeprefix("torch.")]
+
+
+def tensor(ref: TensorRef) -> torch.Tensor:
+    return from_bytes(ref.read(), ref.dtype, ref.shape)
+
+
+def raw(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 SD = make_state_dict(preset_args("tiny"))
 
@@ -39,23 +56,22 @@ def test_pth_refs_read_every_kind_of_tensor(tmp_path):
     assert list(refs) == list(sd)
     for name, ref in refs.items():
         want = sd[name].detach()
-        assert (ref.name, ref.dtype, ref.shape, ref.nbytes) == (name, TORCH_TO_CODE[want.dtype], tuple(want.shape),
+        assert (ref.name, ref.dtype, ref.shape, ref.nbytes) == (name, code(want), tuple(want.shape),
                                                                 want.numel() * want.element_size())
-        raw = lambda x: x.reshape(-1).view(torch.uint8)  # noqa: E731
-        t = ref.tensor()
-        assert t.dtype == want.dtype and torch.equal(raw(t), raw(want))
+        t = tensor(ref)
+        assert t.dtype == want.dtype and raw(t) == raw(want)
         t.view(torch.uint8).fill_(0xAB) if t.dim() else None  # writable...
-        assert torch.equal(raw(ref.tensor()), raw(want))  # ...and a fresh copy each time
+        assert raw(tensor(ref)) == raw(want)  # ...and a fresh copy each time
     assert refs["view"].offset == refs["whole"].offset + 2 * 4 * 4  # shared storage, element offset 8
-    assert torch.equal(refs["whole"].tensor(rows=(1, 3)), sd["whole"][1:3])
-    assert refs["whole"].read_rows(2, 4) == refs["view"].read()
+    assert torch.equal(tensor(refs["whole"].rows(1, 3)), sd["whole"][1:3])
+    assert refs["whole"].rows(2, 4).read() == refs["view"].read()
 
 
 def test_archive_folder_name_comes_from_data_pkl(tmp_path):
     torch.save(SD, tmp_path / "consolidated.00.pth")  # torch names the folder after the file: consolidated.00/
     assert zipfile.ZipFile(tmp_path / "consolidated.00.pth").namelist()[0] == "consolidated.00/data.pkl"
     refs = torch_zip_refs(tmp_path / "consolidated.00.pth")
-    assert all(torch.equal(refs[k].tensor(), v) for k, v in SD.items())
+    assert all(torch.equal(tensor(refs[k]), v) for k, v in SD.items())
 
 
 def test_split_parts_read_in_place(tmp_path):
@@ -70,7 +86,7 @@ def test_split_parts_read_in_place(tmp_path):
     assert {k: (r.offset, r.nbytes) for k, r in parts.items()} == {k: (r.offset, r.nbytes) for k, r in whole.items()}
     for name, ref in parts.items():
         assert ref.read() == data[ref.offset:ref.offset + ref.nbytes]
-        assert torch.equal(ref.tensor(), SD[name])
+        assert torch.equal(tensor(ref), SD[name])
     assert not (tmp_path / "consolidated.00.pth").exists()
 
 
@@ -125,11 +141,11 @@ def rezip(src: Path, dest: Path, deflate: str | None) -> None:
 def test_compressed_member_is_refused(tmp_path):
     torch.save({"a": torch.ones(8), "b": torch.zeros(8)}, tmp_path / "x.pth")
     rezip(tmp_path / "x.pth", tmp_path / "plain.pth", None)  # python's zip writer: no alignment padding
-    assert torch.equal(torch_zip_refs(tmp_path / "plain.pth")["b"].tensor(), torch.zeros(8))
+    assert torch.equal(tensor(torch_zip_refs(tmp_path / "plain.pth")["b"]), torch.zeros(8))
     rezip(tmp_path / "x.pth", tmp_path / "deflated.pth", "/data/1")
     with pytest.raises(FormatError) as e:
         torch_zip_refs(tmp_path / "deflated.pth")
-    assert e.value.problem == ("b: member x/data/1 is compressed or encrypted; torch.save stores tensor data as is")
+    assert e.value.problem == "member x/data/1 is compressed or encrypted; torch.save stores every member as is"
 
 
 def test_non_contiguous_tensor_is_refused(tmp_path):
@@ -152,7 +168,7 @@ def test_safetensors_refs(tmp_path):
     refs = safetensors_refs(tmp_path / "x.safetensors")
     assert set(refs) == set(sd)
     for name, ref in refs.items():
-        assert torch.equal(ref.tensor(), sd[name])
+        assert torch.equal(tensor(ref), sd[name])
     (tmp_path / "bad.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(FormatError) as e:  # the header rules verify applies
         safetensors_refs(tmp_path / "bad.safetensors")
@@ -167,16 +183,17 @@ def test_read_past_a_truncated_file(tmp_path):
     assert (e.value.path, e.value.problem) == (str(tmp_path / "short.bin"),
                                                "w: truncated: needs 16 bytes at offset 8, got 12")
     with pytest.raises(ValueError):
-        ref.read_rows(3, 5)
+        ref.rows(3, 5)
 
 
 # --- write_safetensors ---------------------------------------------------------------------------
 
-PLAN = [(k, TORCH_TO_CODE[v.dtype], tuple(v.shape)) for k, v in SD.items()]
+PLAN = [(k, code(v), tuple(v.shape)) for k, v in SD.items()]
+RAW = {k: raw(v) for k, v in SD.items()}
 
 
 def test_write_round_trip_and_hashes(tmp_path):
-    out = write_safetensors(tmp_path / "a.safetensors", PLAN, iter(SD.values()), {"format": "pt"})
+    out = write_safetensors(tmp_path / "a.safetensors", PLAN, iter(RAW.values()), {"format": "pt"})
     raw = (tmp_path / "a.safetensors").read_bytes()
     assert out["size"] == len(raw) and out["blake3"] == blake3.blake3(raw).hexdigest()
     loaded = load_file(tmp_path / "a.safetensors")
@@ -186,9 +203,9 @@ def test_write_round_trip_and_hashes(tmp_path):
     assert (8 + len(raw[8:8 + int.from_bytes(raw[:8], "little")])) % 8 == 0
     for name, ref in safetensors_refs(tmp_path / "a.safetensors").items():
         assert out["tensors"][name] == blake3.blake3(ref.read()).hexdigest()
-        assert out["tensors"][name] == blake3.blake3(SD[name].view(torch.uint8).numpy().tobytes()).hexdigest()
+        assert out["tensors"][name] == blake3.blake3(RAW[name]).hexdigest()
     # the same input gives the same bytes
-    assert write_safetensors(tmp_path / "b.safetensors", PLAN, (SD[k] for k, *_ in PLAN), {"format": "pt"}) == out
+    assert write_safetensors(tmp_path / "b.safetensors", PLAN, (RAW[k] for k, *_ in PLAN), {"format": "pt"}) == out
     assert (tmp_path / "b.safetensors").read_bytes() == raw
 
 
@@ -197,38 +214,40 @@ def test_write_matches_the_library_byte_for_byte(tmp_path):
     sd = {k: SD[k] for k in sorted(SD)}
     save_file(sd, tmp_path / "lib.safetensors", metadata={"format": "pt"})
     write_safetensors(tmp_path / "ours.safetensors", [(k, "BF16", tuple(v.shape)) for k, v in sd.items()],
-                      sd.values(), {"format": "pt"})
+                      (raw(v) for v in sd.values()), {"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
 
 
 def test_write_checks_against_the_plan_and_leaves_nothing(tmp_path):
     dest = tmp_path / "x.safetensors"
-    with pytest.raises(ValueError, match=r"^tok_embeddings.weight: got F32 \[1000, 64\], the plan says BF16"):
-        write_safetensors(dest, PLAN, (v.float() for v in SD.values()))
+    with pytest.raises(ValueError, match=r"^tok_embeddings.weight: got 256000 bytes, the plan says 128000"):
+        write_safetensors(dest, PLAN, (raw(v.float()) for v in SD.values()))
     with pytest.raises(ValueError, match="the tensors ran out before the plan did"):
-        write_safetensors(dest, PLAN, list(SD.values())[:3])
+        write_safetensors(dest, PLAN, list(RAW.values())[:3])
     with pytest.raises(ValueError, match="more tensors than the plan's 1"):
-        write_safetensors(dest, PLAN[:1], SD.values())
+        write_safetensors(dest, PLAN[:1], RAW.values())
     with pytest.raises(ValueError, match="at most one __metadata__ key"):
-        write_safetensors(dest, PLAN, SD.values(), {"a": "1", "b": "2"})
+        write_safetensors(dest, PLAN, RAW.values(), {"a": "1", "b": "2"})
     assert list(tmp_path.iterdir()) == []  # no temp file, no partial file
 
 
 def test_write_edge_tensors(tmp_path):
     sd = {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4, dtype=torch.bfloat16),
           "strided": torch.arange(12, dtype=torch.int32).reshape(3, 4).t()}  # made contiguous on write
-    plan = [(k, TORCH_TO_CODE[v.dtype], tuple(v.shape)) for k, v in sd.items()]
-    write_safetensors(tmp_path / "x.safetensors", plan, sd.values())
+    plan = [(k, code(v), tuple(v.shape)) for k, v in sd.items()]
+    write_safetensors(tmp_path / "x.safetensors", plan, (raw(v) for v in sd.values()))
     loaded = load_file(tmp_path / "x.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in sd.items())
-    assert set(DTYPES) >= {"BF16", "F16", "F32"} and all(TORCH_TO_CODE[DTYPES[c]] == c for c in DTYPES)
+    # the one dtype table names every dtype as torch does, with torch's element sizes
+    assert all(getattr(torch, NAMES[c]).itemsize == size for c, (_, size) in DTYPES.items())
 
 
 # --- memory ------------------------------------------------------------------------------------
 
 RSS_SCRIPT = """
 import sys
-from runner.tensorfile import torch_zip_refs
+from weightswarm.formats.torchzip import torch_zip_refs
+from weightswarm.runner.load import from_bytes
 def status(key):  # VmRSS now, VmHWM peak since the last reset
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key + ":"))
 for path in sys.argv[1:]:
@@ -236,7 +255,7 @@ for path in sys.argv[1:]:
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak to the current RSS
     base = status("VmRSS")
     for ref in refs.values():
-        t = ref.tensor()
+        t = from_bytes(ref.read(), ref.dtype, ref.shape)
         del t
     print(len(refs), sum(r.nbytes for r in refs.values()), max(r.nbytes for r in refs.values()),
           base, status("VmHWM"))
@@ -254,13 +273,3 @@ def test_reading_tensor_by_tensor_keeps_memory_at_one_tensor(tmp_path):
     n, total, largest, base, peak = run.stdout.split()
     assert int(largest) == 2 * big and int(total) > 2 * int(largest)
     assert int(peak) - int(base) < 1.5 * int(largest)
-
-
-def test_raw_bytes_keeps_its_tensor_alive():
-    view = raw_bytes(torch.arange(6, dtype=torch.int32).reshape(2, 3).t())  # a temporary, made contiguous
-    import gc
-
-    gc.collect()
-    torch.zeros(1000, dtype=torch.int32)  # reuse freed memory, if the tensor had been freed
-    assert bytes(view) == torch.tensor([0, 3, 1, 4, 2, 5], dtype=torch.int32).numpy().tobytes()
-    assert bytes(raw_bytes(torch.zeros(0))) == b""

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import flip_byte, run_ws
+from tests.support import flip_byte, run_ws
 
 
 def test_good_release_passes_every_check(release_copy, tiny_torrent):
@@ -17,7 +17,7 @@ def test_good_release_passes_every_check(release_copy, tiny_torrent):
 
 
 def test_flipped_byte_names_piece_and_file(release_copy, tiny_torrent):
-    from distrib.torrentfile import load_torrent
+    from weightswarm.distrib.torrentfile import load_torrent
 
     t = load_torrent(tiny_torrent)
     ckpt = next(f for f in t.files() if f.path == "consolidated.00.pth")
@@ -38,7 +38,7 @@ def test_flipped_byte_names_piece_and_file(release_copy, tiny_torrent):
 
 
 def test_split_release_verifies_as_the_whole_file_and_joins(tmp_path, tiny_release):
-    from runner.synth import synthesize
+    from weightswarm.convert.synth import synthesize
 
     rel = tmp_path / "split"
     synthesize(rel, preset="tiny", split=300_000)
@@ -56,7 +56,7 @@ def test_split_release_verifies_as_the_whole_file_and_joins(tmp_path, tiny_relea
 
 
 def test_join_refuses_wrong_md5_and_leaves_nothing(tmp_path):
-    from runner.synth import synthesize
+    from weightswarm.convert.synth import synthesize
 
     rel = tmp_path / "split"
     synthesize(rel, preset="tiny", split=500_000)

@@ -1,11 +1,6 @@
-"""Verification: torrent pieces, checksum files, split files, weight file structure, reports."""
-from verify.checksums import parse_checksums, verify_checksums
-from verify.folder import find_checksum_files, verify_folder
-from verify.pieces import verify_pieces
-from verify.report import Finding, Report
-from verify.splits import SplitReader, join, split_parts
-from verify.structure import check_structure, pth_tensors, safetensors_tensors
+"""Independent checks of a folder: torrent pieces (pieces), publishers' checksum files (checksums), the
+structure of weight files (structure), blake3 manifests and provenance (manifest), all of them in order
+(folder), and their findings (report). ``join`` rebuilds a file from split parts, checking its sum.
 
-__all__ = ["parse_checksums", "verify_checksums", "find_checksum_files", "verify_folder", "verify_pieces",
-           "Finding", "Report", "SplitReader", "join", "split_parts", "check_structure", "pth_tensors",
-           "safetensors_tensors"]
+torch-free, and independent of any BitTorrent client's state.
+"""

@@ -12,11 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from weightswarm.errors import FormatError, InputError
+from weightswarm.core.errors import FormatError, InputError
+from weightswarm.core.hashing import DIGEST_HEX_LEN, copy_hashing, hash_file, new_hasher
+from weightswarm.core.inputs import os_problem, read_regular
+from weightswarm.formats.splitfile import SplitReader, split_parts
+from weightswarm.verify.report import Finding
 
-from .hashing import DIGEST_HEX_LEN, copy_hashing, hash_file, new_hasher
-from .report import Finding
-from .splits import SplitReader, split_parts
+MAX_CHECKSUM_FILE = 64 << 20  # a sums file lists files, a line each: a million lines are ~100 MB of names
 
 # BSD tags as md5/shasum/cksum --tag write them.
 _TAGS = {"MD5": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA2-256": "sha256", "SHA512": "sha512",
@@ -58,11 +60,9 @@ def parse_checksums(path: str | os.PathLike, algo: str | None = None, lenient: b
     if algo is not None and algo.lower() not in DIGEST_HEX_LEN:
         raise InputError(path, f"unsupported hash algorithm {algo!r}; use one of {', '.join(DIGEST_HEX_LEN)}")
     hinted = algo.lower() if algo else algo_from_filename(path)
-    try:
-        # surrogateescape keeps non-UTF-8 names byte-exact, the way os.fsdecode maps them.
-        text = path.read_bytes().decode("utf-8", "surrogateescape").removeprefix("\ufeff")
-    except OSError as e:
-        raise InputError(path, f"cannot read checksum file: {e.strerror}") from None
+    # surrogateescape keeps non-UTF-8 names byte-exact, the way os.fsdecode maps them.
+    data = read_regular(path, MAX_CHECKSUM_FILE, "checksum file")
+    text = data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
     entries = []
     for n, line in enumerate(text.split("\n"), 1):
         line = line.removesuffix("\r")
@@ -189,7 +189,9 @@ def _check_one(entry: Entry, target: Path, parts: list[Path]) -> Finding:
         else:
             got = hash_file(target, entry.algo)
     except OSError as e:
-        return Finding("checksum", entry.name, False, f"unreadable: {e.strerror or e}")
+        return Finding("checksum", entry.name, False, f"unreadable: {os_problem(e)}")
+    except InputError as e:  # replaced by something that is not a regular file since it was listed
+        return Finding("checksum", entry.name, False, f"unreadable: {e.problem}")
     if got != entry.digest:
         return Finding("checksum", entry.name, False,
                        f"{entry.algo} mismatch: expected {entry.digest}, got {got}{suffix}")

@@ -7,16 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from verify.checksums import Entry, locate, parse_checksums, verify_entries
-from verify.pieces import verify_pieces
-from verify.report import Finding, Report
-from verify.structure import check_structure
+from weightswarm.verify.checksums import Entry, locate, parse_checksums, verify_entries
+from weightswarm.verify.pieces import verify_pieces
+from weightswarm.verify.report import Finding, Report
+from weightswarm.verify.structure import check_structure
 
 # Where publishers put their sums: Mistral's RELEASE, `*.md5`, `SHA256SUMS`, `B3SUMS`...
 CHECKSUM_GLOBS = ("RELEASE", "*.md5", "*SUMS", "*sums", "*SUMS.txt", "*sums.txt")
 
 if TYPE_CHECKING:  # verify needs no BitTorrent code at run time; distrib imports verify
-    from distrib.torrentfile import Torrent
+    from weightswarm.distrib.torrentfile import Torrent
 
 
 def find_checksum_files(root: Path) -> list[Path]:

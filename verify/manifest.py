@@ -1,62 +1,35 @@
-"""blake3 manifests: every file (path, size, blake3) and optionally every tensor (name, file, dtype, shape,
-blake3 of its raw little-endian C-order bytes), and their verification.
+"""blake3 manifests (formats.manifest) built from a folder and checked against one.
 
 A tensor's hash depends only on its bytes, so it is the same in a source checkpoint and in the per-expert
 files made from it: checking output against manifest and source against manifest, tensor by tensor,
-proves a conversion lossless without loading a model.
+proves a conversion lossless without loading a model. ``check_files`` is the one check of files against a
+manifest: verify, the runner (before it maps an expert file) and the daemon's scrubs all use it.
 """
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import blake3
-
-from verify.hashing import hash_file
-from verify.paths import confined
-from verify.report import Finding
-from verify.structure import WEIGHT_SUFFIXES
-from weightswarm import interrupt
-from weightswarm.errors import FormatError, InputError
-from weightswarm.jsonfile import read_json
-
-FORMAT = "weightswarm-manifest"
-VERSION = 1
-_FIELDS = {"files": {"path": str, "size": int, "blake3": str},
-           "tensors": {"name": str, "file": str, "dtype": str, "shape": list, "blake3": str}}
-
-
-def manifest_bytes(manifest: dict) -> bytes:
-    """One serialisation for every writer, so equal manifests are equal files."""
-    return (json.dumps(manifest, indent=1) + "\n").encode()
+from weightswarm.core import interrupt
+from weightswarm.core.errors import FormatError, InputError
+from weightswarm.core.hashing import Spend, blake3_hex, hash_file
+from weightswarm.core.inputs import os_problem, read_json
+from weightswarm.core.paths import confined, walk_files
+from weightswarm.formats import safetensors
+from weightswarm.formats.dtypes import cast
+from weightswarm.formats.layouts import open_layout
+from weightswarm.formats.manifest import FORMAT, NAME, VERSION, load_manifest
+from weightswarm.formats.tensorref import TensorRef
+from weightswarm.formats.torchzip import torch_zip_refs
+from weightswarm.verify.report import Finding
+from weightswarm.verify.structure import WEIGHT_SUFFIXES
 
 
-def tensor_hash(data: bytes | memoryview) -> str:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if len(data) > (8 << 20) else blake3.blake3()
-    h.update(data)
-    return h.hexdigest()
-
-
-def payload_files(root: Path) -> list[str]:
-    """Every regular file under root, relative posix paths, sorted; hidden names and the manifest left out."""
-    out = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            p = Path(folder) / name
-            if not name.startswith(".") and name != "manifest.json" and p.is_file():
-                out.append(p.relative_to(root).as_posix())
-    return sorted(out)
-
-
-def file_tensors(path: Path):
-    """TensorRefs of one weight file (safetensors, or a torch.save zip read without unpickling code)."""
-    from runner.tensorfile import safetensors_refs, torch_zip_refs
-
-    return safetensors_refs(path) if path.name.endswith(".safetensors") else torch_zip_refs(path)
+def file_tensors(path: Path) -> dict[str, TensorRef]:
+    """The tensors of one weight file (safetensors, or a torch.save zip through the restricted reader)."""
+    return safetensors.refs(path) if path.name.endswith(".safetensors") else torch_zip_refs(path)
 
 
 def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int = 2) -> dict:
@@ -64,41 +37,47 @@ def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int 
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "no such folder")
-    rels = payload_files(root)
+    files = [(rel, p) for rel, p in walk_files(root) if rel != NAME]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        digests = list(pool.map(lambda rel: hash_file(root / rel, "blake3"), rels))
+        digests = list(pool.map(lambda f: hash_file(f[1], "blake3"), files))
     manifest = {"format": FORMAT, "version": VERSION}
     if (root / "params.json").is_file():
         manifest["params"] = read_json(root / "params.json")
-    manifest["files"] = [{"path": rel, "size": (root / rel).stat().st_size, "blake3": d}
-                         for rel, d in zip(rels, digests)]
+    manifest["files"] = [{"path": rel, "size": p.stat().st_size, "blake3": d} for (rel, p), d in zip(files, digests)]
     if tensors:
         manifest["tensors"] = [
-            {"name": name, "file": rel, "dtype": ref.dtype, "shape": list(ref.shape), "blake3": tensor_hash(ref.read())}
-            for rel in rels if rel.endswith(WEIGHT_SUFFIXES) for name, ref in file_tensors(root / rel).items()]
+            {"name": name, "file": rel, "dtype": ref.dtype, "shape": list(ref.shape), "blake3": blake3_hex(ref.read())}
+            for rel, p in files if rel.endswith(WEIGHT_SUFFIXES) for name, ref in file_tensors(p).items()]
     return manifest
 
 
-def load_manifest(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    m = read_json(path)
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise FormatError(path, f"not a {FORMAT} file")
-    if m.get("version") != VERSION:
-        raise FormatError(path, f"manifest version {m.get('version')!r} is not supported (this reads {VERSION})")
-    for key, fields in _FIELDS.items():
-        entries = m.get(key, [])
-        if not isinstance(entries, list) or not all(
-                isinstance(e, dict) and all(isinstance(e.get(f), t) and not isinstance(e.get(f), bool)
-                                            for f, t in fields.items()) for e in entries):
-            shown = ", ".join(f"{f} ({t.__name__})" for f, t in fields.items())
-            raise FormatError(path, f"'{key}' must be a list of objects with {shown}")
-    from runner.tensorfile import DTYPES
+def check_files(root: str | os.PathLike, manifest: dict, manifest_path: str | os.PathLike, workers: int = 2,
+                spend: Spend | None = None) -> list[Finding]:
+    """Each listed file against its size and blake3, in the manifest's order (check "manifest"): an absent
+    file is reported as absent (a partial fetch), not as corrupt."""
+    root = Path(root)
 
-    for e in m.get("tensors", []):
-        if e["dtype"] not in DTYPES or not all(isinstance(d, int) and d >= 0 for d in e["shape"]):
-            raise FormatError(path, f"{e['name']}: bad dtype or shape")
-    return m
+    def one(e: dict) -> Finding:
+        path = confined(root, e["path"], manifest_path)
+        if not path.exists() and not path.is_symlink():
+            return Finding("manifest", e["path"], True, "absent", absent=True)
+        try:
+            if not path.is_file():
+                return Finding("manifest", e["path"], False, "not a regular file")
+            size = path.stat().st_size
+            if size != e["size"]:
+                return Finding("manifest", e["path"], False, f"size {size}, {Path(manifest_path).name} says {e['size']}"
+                               + (" (truncated)" if size < e["size"] else ""))
+            got = hash_file(path, "blake3", spend)
+        except OSError as err:
+            return Finding("manifest", e["path"], False, f"unreadable: {os_problem(err)}")
+        except InputError as err:
+            return Finding("manifest", e["path"], False, err.problem)
+        return Finding("manifest", e["path"], got == e["blake3"],
+                       "blake3 ok" if got == e["blake3"] else f"blake3 mismatch: expected {e['blake3']}, got {got}")
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return list(pool.map(one, manifest["files"]))
 
 
 def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, source: str | os.PathLike | None = None,
@@ -107,21 +86,9 @@ def verify_manifest(root: str | os.PathLike, manifest_path: str | os.PathLike, s
     present files against its blake3, then (with ``source``) the source's tensors against the same hashes."""
     root = Path(root)
     m = load_manifest(manifest_path)
-
-    def check_file(e: dict) -> Finding:
-        path = confined(root, e["path"], manifest_path)
-        if not path.exists():
-            return Finding("manifest", e["path"], True, "absent", absent=True)
-        if not path.is_file() or path.stat().st_size != e["size"]:
-            return Finding("manifest", e["path"], False, f"size {path.stat().st_size}, manifest says {e['size']}")
-        got = hash_file(path, "blake3")
-        return Finding("manifest", e["path"], got == e["blake3"],
-                       "blake3 ok" if got == e["blake3"] else f"blake3 mismatch: expected {e['blake3']}, got {got}")
-
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        findings = list(pool.map(check_file, m["files"]))
+    findings = check_files(root, m, manifest_path, workers)
     # Tensors of every file that is here, corrupt ones too: the finding then names the changed tensor.
-    present = {f.path for f in findings if not f.absent}
+    present = {f.path for f in findings if not f.absent and f.detail != "not a regular file"}
     entries = [e for e in m.get("tensors", []) if e["file"] in present]
     findings += _tensor_findings("tensor", entries, _refs_in(root, entries, manifest_path))
     if source is not None:
@@ -158,38 +125,31 @@ def _tensor_findings(check: str, entries: list[dict], readers: Iterable[Callable
     out = []
     for e, read in zip(entries, readers):
         interrupt.check()
+        place = where or e["file"]
         if read is None:
-            out.append(Finding(check, e["name"], False, f"not in {where or e['file']}"))
+            out.append(Finding(check, e["name"], False, f"not in {place}"))
             continue
         try:
-            got = tensor_hash(read())
+            got = blake3_hex(read())
         except FormatError as err:  # truncated under a valid header: a finding, not the end of the report
             out.append(Finding(check, e["name"], False, err.problem))
             continue
         ok = got == e["blake3"]
-        place = where or e["file"]
         out.append(Finding(check, e["name"], ok, f"blake3 ok ({place})" if ok else
                            f"blake3 mismatch in {place}: expected {e['blake3']}, got {got}"))
     return out
 
 
 def _source_findings(source: Path, entries: list[dict]) -> list[Finding]:
-    """The source checkpoint's tensors, read through the converter's own readers, against the manifest."""
-    from runner.layouts import open_layout
-    from runner.tensorfile import DTYPES, raw_bytes
-
+    """The source checkpoint's canonical tensors, read as the converter reads them, against the manifest."""
     layout = open_layout(source)
 
     def reader(e: dict) -> Callable[[], bytes] | None:
         t = layout.tensors.get(e["name"])
         if t is None:
             return None
-
-        def read() -> bytes:
-            x = t.load()
-            if e["dtype"] != t.dtype:  # converted with --dtype: compare with what the converter wrote
-                x = x.to(DTYPES[e["dtype"]])
-            return raw_bytes(x)
-        return read
+        if e["dtype"] == t.dtype:
+            return t.read
+        return lambda: cast(t.read(), t.dtype, e["dtype"])  # converted with --dtype: as the converter wrote it
 
     return _tensor_findings("provenance", entries, (reader(e) for e in entries), where=f"the source {source}")

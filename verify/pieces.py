@@ -1,7 +1,9 @@
 """Re-hash a payload against its torrent: v1 SHA-1 pieces and v2 per-file SHA-256 merkle trees.
 
-Independent of any client state. Each piece is read once and fed to every hash the torrent has, on a
-pool of threads (hashlib and pread release the GIL), so both cores work.
+Independent of any client state, and the one piece verifier: ``verify --torrent`` checks every piece on a
+pool of threads (hashlib and pread release the GIL, so both cores work); the daemon's scrubs check the
+pieces a torrent has, one thread, at a bounded rate. Each piece is read once and fed to every hash the
+torrent has.
 """
 from __future__ import annotations
 
@@ -10,18 +12,20 @@ import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
-from verify.paths import confined
-from weightswarm import interrupt
-from verify.report import Finding, first_few
+from weightswarm.core import interrupt
+from weightswarm.core.hashing import Spend
+from weightswarm.core.paths import confined
+from weightswarm.verify.report import Finding, first_few
 
 BLOCK = 16 * 1024  # BEP 52 leaf size
 ZERO = bytes(32)
 
 if TYPE_CHECKING:  # verify needs no BitTorrent code at run time; distrib imports verify
-    from distrib.torrentfile import FileEntry, Torrent
+    from weightswarm.distrib.torrentfile import FileEntry, Torrent
 
 
 def merkle_root(leaves: list[bytes], width: int, pad: bytes = ZERO) -> bytes:
@@ -32,7 +36,8 @@ def merkle_root(leaves: list[bytes], width: int, pad: bytes = ZERO) -> bytes:
     return layer[0]
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for 0)."""
     return 1 << max(0, (n - 1).bit_length())
 
 
@@ -44,6 +49,7 @@ class _Payload:
 
     def __init__(self, root: Path, torrent: Torrent):
         self.plen = torrent.info.piece_length()
+        self.total = torrent.info.total_size()
         self.files = torrent.files()
         self.offsets = [f.offset for f in self.files]
         self.paths: dict[int, Path] = {}
@@ -60,9 +66,10 @@ class _Payload:
             elif f.size:
                 self.paths[f.index] = path
 
-    def spans(self, start: int, length: int) -> list[tuple[FileEntry, int, int]]:
-        """(file, offset in file, length) covering ``length`` bytes from ``start``."""
-        out, end = [], start + length
+    def spans(self, piece: int) -> list[tuple[FileEntry, int, int]]:
+        """(file, offset in file, length) covering the piece."""
+        start = piece * self.plen
+        out, end = [], min(start + self.plen, self.total)
         i = bisect.bisect_right(self.offsets, start) - 1
         while start < end and i < len(self.files):
             f = self.files[i]
@@ -74,13 +81,16 @@ class _Payload:
         return out
 
     def read(self, spans) -> bytes | None:
-        """The bytes of the spans, or None if a file is missing or short."""
+        """The bytes of the spans, or None if a file is missing, short or unreadable."""
         parts = []
         for f, off, n in spans:
             if f.pad:
                 parts.append(bytes(n))
                 continue
-            data = os.pread(self._fd(f.index), n, off) if f.index in self.paths else b""
+            try:
+                data = os.pread(self._fd(f.index), n, off) if f.index in self.paths else b""
+            except OSError:
+                return None
             if len(data) != n:
                 return None
             parts.append(data)
@@ -102,75 +112,130 @@ class _Payload:
             self._open.cur = None
 
     def covered(self, piece: int) -> list[str]:
-        return [f.path for f, _, _ in self.spans(piece * self.plen, self.plen) if not f.pad]
+        return [f.path for f, _, _ in self.spans(piece) if not f.pad]
+
+
+@dataclass
+class PieceResult:
+    checked: int = 0
+    bytes: int = 0
+    bad: list[int] = field(default_factory=list)  # sorted: a hash differs, or the piece cannot be read
+    v2_hashes: dict[int, dict[int, bytes | None]] = field(default_factory=dict)  # file index -> {k: hash}
+
+
+def check_pieces(root: str | os.PathLike, torrent: Torrent, pieces: Iterable[int] | None = None, workers: int = 2,
+                 spend: Spend | None = None, progress: Callable[[int], None] | None = None,
+                 on_bad: Callable[[int], None] | None = None) -> PieceResult:
+    """Hash ``pieces`` (default: all) of the payload at root against every hash family the torrent has.
+
+    A v2 piece is compared with its piece layer (or, for a one-piece file, the file's root); without
+    layers (a magnet's metadata) the v1 hash, where present, still applies, and verify_pieces checks
+    whole files against their roots. ``spend(n)`` is called before each piece is read (a rate limit or a
+    stop raises there), ``progress(n)`` after, ``on_bad(piece)`` as soon as a piece fails."""
+    root = Path(root)
+    ti = torrent.info
+    payload = _Payload(root, torrent)
+    v1, v2 = torrent.v1 is not None, torrent.v2 is not None
+    owner = _piece_owners(torrent) if v2 else {}
+    wanted = list(range(ti.num_pieces()) if pieces is None else pieces)
+    result = PieceResult()
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        interrupt.check()
+        spans = payload.spans(i)
+        size = sum(n for _, _, n in spans)
+        if spend:
+            spend(size)
+        data = payload.read(spans)
+        ok = data is not None
+        if ok and v1:
+            ok = hashlib.sha1(data).digest() == ti.hash_for_piece(i)
+        if v2 and i in owner:
+            f, k = owner[i]
+            # The file's bytes open the piece; pad bytes after them are not part of its v2 hash.
+            n = next((n for g, _, n in spans if g.index == f.index), None)
+            body = None if data is None or n is None else data[:n]
+            got = _piece_hash(body, torrent.info.piece_length(), f.size)
+            want = _expected_v2(torrent, f, k)
+            ok = ok and got is not None and (want is None or got == want)
+            with lock:
+                result.v2_hashes.setdefault(f.index, {})[k] = got
+        with lock:
+            result.checked += 1
+            result.bytes += size
+            if not ok:
+                result.bad.append(i)
+        if not ok and on_bad:
+            on_bad(i)
+        if progress:
+            progress(size)
+
+    def run(chunk: list[int]) -> None:
+        try:
+            for i in chunk:
+                one(i)
+        finally:
+            payload.release()
+
+    step = max(1, min(64, len(wanted) // (workers * 4) or 1))
+    chunks = [wanted[j:j + step] for j in range(0, len(wanted), step)]
+    if workers <= 1:
+        for c in chunks:
+            run(c)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, chunks))
+    result.bad.sort()
+    return result
+
+
+def _piece_owners(torrent: Torrent) -> dict[int, tuple[FileEntry, int]]:
+    """piece -> (the one file it holds, its index in that file): in v2 every piece lies inside one file."""
+    out = {}
+    for f in torrent.payload_files():
+        for k, piece in enumerate(torrent.file_pieces(f)):
+            out[piece] = (f, k)
+    return out
+
+
+def _piece_hash(body: bytes | None, plen: int, file_size: int) -> bytes | None:
+    """A v2 piece-layer hash (or, for a file of one piece, its root); None when unreadable."""
+    if body is None:
+        return None
+    leaves = [hashlib.sha256(body[i:i + BLOCK]).digest() for i in range(0, len(body), BLOCK)]
+    return merkle_root(leaves, plen // BLOCK if file_size > plen else pow2(len(leaves)))
+
+
+def _expected_v2(torrent: Torrent, f: FileEntry, k: int) -> bytes | None:
+    if f.size <= torrent.info.piece_length():
+        return torrent.pieces_root(f)
+    layer = torrent.layers.get(torrent.pieces_root(f))
+    return layer[k] if layer else None
 
 
 def verify_pieces(root: str | os.PathLike, torrent: Torrent, workers: int = 2,
                   progress: Callable[[int], None] | None = None) -> list[Finding]:
     """One Finding per payload file for each hash family the torrent has ("pieces" v1, "merkle" v2)."""
     root = Path(root)
-    ti = torrent.info
-    plen, npieces, total = ti.piece_length(), ti.num_pieces(), ti.total_size()
     payload = _Payload(root, torrent)
+    res = check_pieces(root, torrent, workers=workers, progress=progress)
     v1, v2 = torrent.v1 is not None, torrent.v2 is not None
-    # v2 piece hashes per file index, in file order: filled by the workers, then reduced to roots.
-    v2_pieces: dict[int, dict[int, bytes]] = {}
-    bad_v1: list[int] = []
-
-    def work(lo: int, hi: int) -> tuple[list[int], dict[int, dict[int, bytes]]]:
-        try:
-            return hash_range(lo, hi)
-        finally:
-            payload.release()
-
-    def hash_range(lo: int, hi: int) -> tuple[list[int], dict[int, dict[int, bytes]]]:
-        bad, layers = [], {}
-        for i in range(lo, hi):
-            interrupt.check()
-            spans = payload.spans(i * plen, min(plen, total - i * plen))
-            data = payload.read(spans)
-            if v1 and (data is None or hashlib.sha1(data).digest() != ti.hash_for_piece(i)):
-                bad.append(i)
-            if v2:
-                # In v2 and hybrid torrents every piece lies inside one file (pad files align them).
-                f, off, n = next(((f, o, n) for f, o, n in spans if not f.pad), (None, 0, 0))
-                if f is not None:
-                    body = data[:n] if data is not None else None
-                    layers.setdefault(f.index, {})[off // plen] = _piece_hash(body, n, plen, f.size)
-            if progress:
-                progress(min(plen, total - i * plen))
-        return bad, layers
-
-    step = max(1, min(64, npieces // (workers * 4) or 1))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for bad, layers in pool.map(lambda lo: work(lo, min(lo + step, npieces)), range(0, npieces, step)):
-            bad_v1 += bad
-            for k, v in layers.items():
-                v2_pieces.setdefault(k, {}).update(v)
-
     findings = []
     for f in torrent.payload_files():
-        first = f.offset // plen
-        last = (f.offset + max(f.size, 1) - 1) // plen
         if f.index in payload.missing:
             findings += [Finding(c, f.path, False, "missing or wrong size") for c in ("pieces", "merkle")
                          if (v1 if c == "pieces" else v2)]
             continue
+        plen = torrent.info.piece_length()
+        # An empty file still "covers" the piece it would start (v1 counts it as one piece).
+        pieces = torrent.file_pieces(f) or range(f.offset // plen, f.offset // plen + 1)
+        bad = [i for i in res.bad if pieces.start <= i < pieces.stop]
         if v1:
-            bad = [i for i in bad_v1 if first <= i <= last]
-            findings.append(_v1_finding(f, bad, last - first + 1, payload))
+            findings.append(_v1_finding(f, bad, len(pieces), payload))
         if v2 and f.size:
-            findings.append(_v2_finding(torrent, f, v2_pieces.get(f.index, {}), first, plen))
+            findings.append(_v2_finding(torrent, f, res.v2_hashes.get(f.index, {})))
     return findings
-
-
-def _piece_hash(body: bytes | None, n: int, plen: int, file_size: int) -> bytes | None:
-    """A v2 piece-layer hash (or, for a file of one piece, its root); None when unreadable."""
-    if body is None:
-        return None
-    leaves = [hashlib.sha256(body[i:i + BLOCK]).digest() for i in range(0, n, BLOCK)]
-    width = plen // BLOCK if file_size > plen else _pow2(len(leaves))
-    return merkle_root(leaves, width)
 
 
 def _v1_finding(f: FileEntry, bad: list[int], count: int, payload: _Payload) -> Finding:
@@ -180,19 +245,19 @@ def _v1_finding(f: FileEntry, bad: list[int], count: int, payload: _Payload) -> 
                    first_few([f"piece {i} failed (covers {', '.join(payload.covered(i))})" for i in bad]))
 
 
-def _v2_finding(torrent: Torrent, f: FileEntry, hashes: dict[int, bytes], first: int, plen: int) -> Finding:
-    expected_root = torrent.info.layout().root(f.index).to_bytes()
-    n = len(range(0, f.size, plen))
+def _v2_finding(torrent: Torrent, f: FileEntry, hashes: dict[int, bytes | None]) -> Finding:
+    plen = torrent.info.piece_length()
+    n = len(torrent.file_pieces(f))
+    first = f.offset // plen
     got = [hashes.get(k) for k in range(n)]
+    want = [_expected_v2(torrent, f, k) for k in range(n)]
+    mismatched = [first + k for k in range(n) if got[k] is None or (want[k] is not None and got[k] != want[k])]
     if f.size <= plen:
-        ok = got[0] == expected_root
+        ok = got[0] == torrent.pieces_root(f)
         return Finding("merkle", f.path, ok, "SHA-256 root ok" if ok else f"piece {first} failed (merkle root)")
-    layer = torrent.raw.get(b"piece layers", {}).get(expected_root, b"")
-    want = [layer[i:i + 32] for i in range(0, len(layer), 32)]
-    bad = [first + k for k in range(n) if got[k] is None or (want and got[k] != want[k])]
-    if not bad and None not in got:
-        pad = merkle_root([], plen // BLOCK)
-        if merkle_root(got, _pow2(n), pad) == expected_root:
-            return Finding("merkle", f.path, True, f"SHA-256 root and {n} piece hashes ok")
-        return Finding("merkle", f.path, False, "merkle root mismatch (the piece layer itself is wrong)")
-    return Finding("merkle", f.path, False, first_few([f"piece {i} failed" for i in bad]))
+    if mismatched:
+        return Finding("merkle", f.path, False, first_few([f"piece {i} failed" for i in mismatched]))
+    if merkle_root(got, pow2(n), merkle_root([], plen // BLOCK)) != torrent.pieces_root(f):
+        # Only possible without piece layers (a magnet's metadata): some piece differs, which one is unknown.
+        return Finding("merkle", f.path, False, "merkle root mismatch (no piece layer to name the piece)")
+    return Finding("merkle", f.path, True, f"SHA-256 root and {n} piece hashes ok")

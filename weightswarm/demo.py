@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from weightswarm.errors import InputError, SwarmError, VerificationError, WeightswarmError
-from weightswarm.procs import LOOPBACK, WS, WsProcess
+from weightswarm.core.errors import InputError, SwarmError, VerificationError, WeightswarmError
+from weightswarm.core.interrupt import Stop
+from weightswarm.core.units import human
+from weightswarm.procs import LOOPBACK, WsProcess
 
 SERVED_EXPERTS = "0,3"
 
@@ -29,21 +31,22 @@ class Stage:
     bytes: int
     ok: bool
     detail: str = ""
+    exit_code: int = 0  # of the error that ended it: 1 wrong data, 2 bad input, 3 swarm, 130 interrupted
 
 
 class Demo:
     def __init__(self, workdir: Path, leechers: int, preset: str, seed_rate: str, timeout: float,
                  show: Callable[[str], None]):
-        if leechers < 1:
-            raise InputError(str(leechers), "--leechers must be at least 1")
         self.work, self.leechers, self.preset, self.seed_rate, self.show = workdir, leechers, preset, seed_rate, show
         self.data = workdir / "data"  # the daemon's root: everything it serves lies below
         self.release = self.data / "release" / "mixtral-demo"
         self.experts = self.data / "experts" / "mixtral-demo-experts"
+        self.timeout = timeout
         self.deadline = time.monotonic() + timeout
         self.procs: list[WsProcess] = []
         self.stages: list[Stage] = []
         self.daemon: WsProcess | None = None
+        self.api = None  # the daemon's ApiClient
         self.nodes: list[WsProcess] = []
 
     def run(self) -> list[Stage]:
@@ -62,25 +65,30 @@ class Demo:
         self.show(f"== {name}")
         t0 = time.monotonic()
         try:
-            nbytes, detail, ok = *fn(), True
+            nbytes, detail = fn()
+            ok, code = True, 0
         except InputError:
             raise
+        except (Stop, KeyboardInterrupt):
+            nbytes, detail, ok, code = 0, "interrupted (Ctrl-C)", False, 130
         except WeightswarmError as e:
-            nbytes, detail, ok = 0, str(e), False
+            nbytes, detail, ok, code = 0, str(e), False, e.exit_code
         except Exception as e:  # whatever broke, the stage fails and the summary is still printed
-            nbytes, detail, ok = 0, f"{type(e).__name__}: {e}", False
-        self.stages.append(Stage(name, round(time.monotonic() - t0, 2), nbytes, ok, detail))
+            nbytes, detail, ok, code = 0, f"{type(e).__name__}: {e}", False, 1
+        self.stages.append(Stage(name, round(time.monotonic() - t0, 2), nbytes, ok, detail, code))
         return ok
 
     def left(self) -> float:
-        if time.monotonic() > self.deadline:
-            raise SwarmError("demo", "did not finish before the deadline (--timeout)")
-        return self.deadline - time.monotonic()
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise SwarmError("demo", f"did not finish within --timeout {self.timeout:g} s",
+                             hint="a slower machine needs a longer --timeout")
+        return left
 
     # ---- stages: each returns (bytes, detail) or raises
 
     def synth(self) -> tuple[int, str]:
-        from runner.synth import synthesize
+        from weightswarm.convert.synth import synthesize
 
         if not (self.release / "RELEASE").exists():  # a rerun with the same --workdir reuses it
             self.release.parent.mkdir(parents=True, exist_ok=True)
@@ -89,26 +97,25 @@ class Demo:
         return sum(p.stat().st_size for p in files), f"{len(files)} files in the Mixtral layout ({self.preset} preset)"
 
     def start_daemon(self) -> tuple[int, str]:
+        from weightswarm.distrib.daemon.client import ApiClient
+
         shutil.rmtree(self.work / "state", ignore_errors=True)  # a rerun with --keep registers afresh
         self.daemon = WsProcess("daemon", "--data", self.data, "--state", self.work / "state", "--api", "127.0.0.1:0",
                                 *LOOPBACK, "--json", "--max-upload-rate", self.seed_rate, "--scrub-interval", "0",
                                 name="daemon", stderr_path=self.work / "daemon.log")
         self.procs.append(self.daemon)
         self.daemon.wait_for("listening", self.left())
+        self.api = ApiClient.for_state(self.work / "state", timeout=min(30.0, self.left()))
         t = self.publish(self.release, self.work / "mixtral-demo.torrent", "release")
         return 0, (f"{t.info.num_pieces()} pieces, info-hash {t.info_hash}; daemon on 127.0.0.1:"
                    f"{self.daemon.port}, upload limited to {self.seed_rate}/s")
 
     def publish(self, folder: Path, torrent: Path, save_path: str):
         """Make FOLDER's torrent and register it with the daemon; returns once the daemon seeds it."""
-        from distrib.create import write_torrent
+        from weightswarm.distrib.create import write_torrent
 
-        t = write_torrent(folder, torrent)
-        api = self.daemon.last["listening"]["api"].removeprefix("http://")
-        r = subprocess.run(WS + ["daemon", "--state", str(self.work / "state"), "--api", api, "add", str(torrent),
-                                 "--path", save_path], capture_output=True, text=True, timeout=self.left())
-        if r.returncode:
-            raise SwarmError(torrent, f"daemon add failed: {r.stderr.strip()}")
+        t = write_torrent(folder, torrent, force=True)
+        self.api.add(torrent.read_bytes(), save_path=save_path)
         self.daemon.wait_event(lambda e: e["event"] == "seeding" and e.get("id") in (t.v1, t.v2), self.left())
         return t
 
@@ -130,29 +137,22 @@ class Demo:
             self.left()
             if time.monotonic() - last_line >= 1:
                 last_line = time.monotonic()
-                self.show("  " + "  ".join(_node_line(n) for n in self.nodes) + f"  | daemon sent {_mb(self.sent())}")
-            try:
+                self.show("  " + "  ".join(_node_line(n) for n in self.nodes) +
+                          f"  | daemon sent {human(self.api.uploaded())}")
+            try:  # a 0.2 s pause that notices at once if the first node ends
                 self.nodes[0].proc.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
         daemon = f"127.0.0.1:{self.daemon.port}"  # the nodes dial it, so they know it by its listen port
+        payload = sum(p.stat().st_size for p in self.release.iterdir() if p.is_file())
         for n in self.nodes:
             fin = n.last["finished"]
             from_daemon = fin["sources"].get(daemon, 0)
-            self.show(f"  {n.name}: {_mb(fin['downloaded'])}, {_mb(from_daemon)} from the daemon, "
-                      f"{_mb(max(0, fin['downloaded'] - from_daemon))} from other nodes")
-        got, from_seed = sum(n.last["finished"]["downloaded"] for n in self.nodes), self.sent()
-        return got, (f"{self.leechers} nodes got {_mb(got)}: {_mb(from_seed)} from the daemon, "
-                     f"{_mb(max(0, got - from_seed))} from each other")
-
-    def sent(self) -> int:
-        """Bytes the daemon uploaded, from its status API."""
-        from urllib.request import Request, urlopen
-
-        token = (self.work / "state" / "api-token").read_text().strip()
-        req = Request(self.daemon.last["listening"]["api"] + "/v1/torrents", headers={"Authorization": f"Bearer {token}"})
-        with urlopen(req, timeout=5) as r:
-            return sum(t.get("uploaded", 0) for t in json.load(r)["torrents"])
+            self.show(f"  {n.name}: {human(fin['downloaded'])} of payload: {human(from_daemon)} from the daemon, "
+                      f"{human(max(0, fin['downloaded'] - from_daemon))} from other nodes")
+        got, sent = sum(n.last["finished"]["downloaded"] for n in self.nodes), self.api.uploaded()
+        return got, (f"{self.leechers} nodes got {human(got)} for a {human(payload)} release; the daemon sent "
+                     f"{human(sent)} ({sent / payload:.2f}x the payload), the nodes each other the rest")
 
     def verify(self) -> tuple[int, str]:
         reports = [n.last["verify"]["report"] for n in self.nodes]
@@ -163,17 +163,16 @@ class Demo:
         return 0, f"every node: {checks} passed"
 
     def convert(self) -> tuple[int, str]:
-        from runner.convert import convert
+        from weightswarm.convert.convert import convert
 
         self.experts.parent.mkdir(parents=True, exist_ok=True)
-        if not (self.experts / "manifest.json").exists():
-            convert(self.work / "node1" / "mixtral-demo", self.experts)
+        convert(self.work / "node1" / "mixtral-demo", self.experts)  # a rerun of a finished job is a no-op
         t = self.publish(self.experts, self.work / "mixtral-demo-experts.torrent", "experts")
         size = sum(f.size for f in t.payload_files())
         return size, f"{len(t.payload_files())} files (dense + one per expert), published by the daemon"
 
     def serve(self) -> tuple[int, str]:
-        from verify.manifest import verify_manifest
+        from weightswarm.verify.manifest import verify_manifest
 
         out = self.work / "serving-node"
         n = WsProcess("fetch", self.work / "mixtral-demo-experts.torrent", "-o", out, "--experts", SERVED_EXPERTS,
@@ -193,14 +192,14 @@ class Demo:
                                                   f"{len(files) - have} absent (the other experts)")
 
     def smoke(self) -> tuple[int, str]:
-        from runner.smoke import smoke
+        from weightswarm.runner.smoke import smoke
 
         r = smoke(self.experts, prompt="The weights of the swarm", max_new_tokens=8, reference=self.release,
                   dtype="float32")
         if not r["passed"]:
             raise VerificationError(self.experts, "smoke test failed: " + json.dumps(r["checks"]))
-        return 0, (f"per-expert model = original checkpoint (max |diff| {r['max_abs_diff']}); "
-                   f"greedy: {r.get('text', '')!r}")
+        return 0, (f"per-expert model = original checkpoint (max |diff| {r['max_abs_diff']}, "
+                   f"{r['checks']['reference']['comparison']}); greedy: {r.get('text', '')!r}")
 
 
 def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",
@@ -218,15 +217,11 @@ def _node_line(n: WsProcess) -> str:
     return f"{n.name} {pct:5.1f}% {p.get('peers', 0)}p"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def print_summary(stages: list[Stage], as_json: bool) -> None:
     if as_json:
         print(json.dumps({"ok": all(s.ok for s in stages), "stages": [asdict(s) for s in stages]}, indent=2))
         return
     print(f"\n{'stage':24} {'time':>8} {'bytes':>10}  result")
     for s in stages:
-        print(f"{s.name:24} {s.seconds:7.2f}s {_mb(s.bytes):>10}  {'PASS' if s.ok else 'FAIL'}  {s.detail}")
+        print(f"{s.name:24} {s.seconds:7.2f}s {human(s.bytes):>10}  {'PASS' if s.ok else 'FAIL'}  {s.detail}")
     print("demo: PASS" if all(s.ok for s in stages) else "demo: FAIL")

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from weightswarm.errors import SwarmError
+from weightswarm.core.errors import SwarmError
 
 WS = [sys.executable, "-m", "weightswarm"]
 LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]  # an isolated node: loopback only, no DHT or LSD
@@ -86,7 +86,11 @@ class WsProcess:
         return "".join(self._stderr)
 
     def wait(self, timeout: float = 120) -> int:
-        return self.proc.wait(timeout=timeout)
+        """Its exit status; SwarmError if it runs past the timeout (it is left running: stop() ends it)."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise SwarmError(self.name, f"still running after {timeout:.0f} s") from None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Signal it and wait; SIGKILL if it does not stop in time."""

@@ -1,0 +1,181 @@
+"""Restructure a checkpoint into per-expert safetensors files, tensor by tensor, with provenance.
+
+Output (a contract, see FORMAT.md): ``params.json``, ``tokenizer.model`` (when the source has one),
+``dense.safetensors``, ``experts/expert-EE.safetensors`` (or ``experts/layer-LL/expert-EE.safetensors``)
+and ``manifest.json``, written last. Files are built in ``OUT/.convert/`` (each one atomically) and moved
+into place only when all are done, so a failed run leaves nothing but that folder; a rerun of the same
+job keeps the files already finished there and redoes the rest, and a rerun of a finished job is a no-op.
+
+Tensor bytes are moved as they are; torch is imported only for ``--dtype`` (formats.dtypes.cast).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from weightswarm.core.atomic import atomic_write_bytes, fsync_dir
+from weightswarm.core.errors import OptionError
+from weightswarm.core.hashing import hash_file
+from weightswarm.core.paths import check_output_dir
+from weightswarm.formats.dtypes import FLOAT_NAMES, cast
+from weightswarm.formats.layouts import CanonTensor, Layout, open_layout
+from weightswarm.formats.manifest import FORMAT, NAME, VERSION, manifest_bytes
+from weightswarm.formats.perexpert import GRANULARITIES, output_file
+from weightswarm.formats.safetensors import write_safetensors
+
+WORK = ".convert"  # the work folder inside OUT: a rerun finishes or cleans it; afterwards it keeps job.json
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    granularity: str = "expert"  # one file per expert, or per layer and expert
+    dtype: str | None = None  # bfloat16 | float16 | float32; None keeps the source's
+
+    def check(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise OptionError("--granularity", self.granularity, f"choose from {', '.join(GRANULARITIES)}")
+        if self.dtype is not None and self.dtype not in FLOAT_NAMES:
+            raise OptionError("--dtype", self.dtype, f"choose from {', '.join(FLOAT_NAMES)}")
+
+
+def plan_files(layout: Layout, opts: ConvertOptions) -> dict[str, list[CanonTensor]]:
+    """Output file -> its tensors in canonical order; files sorted (dense first, then experts)."""
+    files: dict[str, list[CanonTensor]] = {}
+    for t in layout.tensors.values():
+        files.setdefault(output_file(t.name, opts.granularity), []).append(t)
+    return dict(sorted(files.items()))
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions = ConvertOptions(),
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Convert SRC into OUT; returns the manifest (also written to OUT/manifest.json).
+    ``progress(bytes_read, total_bytes)`` is called after each tensor."""
+    opts.check()
+    layout = open_layout(src)
+    out = Path(out)
+    job = {"source": _fingerprint(layout), "options": asdict(opts)}
+    done = _finished(out, job)
+    if done is not None:
+        return done
+    work = _prepare(out, job)
+    files = plan_files(layout, opts)
+    total, read = sum(t.nbytes for t in layout.tensors.values()), 0
+
+    def advance(n: int) -> None:
+        nonlocal read
+        read += n
+        if progress:
+            progress(read, total)
+
+    results = {rel: _convert_file(work, rel, tensors, opts, advance) for rel, tensors in files.items()}
+    copied = _copy_small_files(layout, work / "files")
+    manifest = _manifest(layout, opts, files, results, copied, work / "files")
+    for rel in [*results, *copied]:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work / "files" / rel, out / rel)
+    for folder in {(out / rel).parent for rel in [*results, *copied]}:
+        fsync_dir(folder)
+    atomic_write_bytes(out / NAME, manifest_bytes(manifest))
+    for p in work.iterdir():  # what stays is the job's record: a rerun of the same job is then a no-op
+        if p.name != "job.json":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return manifest
+
+
+def _finished(out: Path, job: dict) -> dict | None:
+    """The manifest of a finished conversion of the same job whose files are all still there, else None."""
+    try:
+        same = json.loads((out / WORK / "job.json").read_text()) == job
+        manifest = json.loads((out / NAME).read_text())
+        intact = all((out / e["path"]).is_file() and (out / e["path"]).stat().st_size == e["size"]
+                     for e in manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return manifest if same and intact else None
+
+
+def _prepare(out: Path, job: dict) -> Path:
+    """The work folder, after checking OUT; a leftover from an interrupted run of the same job is reused."""
+    check_output_dir(out, empty=False)
+    work = out / WORK
+    try:
+        same_job = json.loads((work / "job.json").read_text()) == job and not (out / NAME).exists()
+    except (OSError, ValueError):
+        same_job = False
+    if not same_job:
+        check_output_dir(out, ignore=(WORK,))
+        shutil.rmtree(work, ignore_errors=True)  # an interrupted run of another job
+    (work / "done").mkdir(parents=True, exist_ok=True)
+    (work / "files").mkdir(exist_ok=True)
+    atomic_write_bytes(work / "job.json", json.dumps(job, sort_keys=True).encode())
+    return work
+
+
+def _fingerprint(layout: Layout) -> dict:
+    """Enough to tell a rerun of the same job from another: layout, files, sizes, modification times."""
+    return {"layout": layout.kind, "root": str(layout.root.resolve()),
+            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in layout.files]}
+
+
+def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
+    done = work / "done" / (rel.replace("/", "__") + ".json")
+    dest = work / "files" / rel
+    moved = work.parent / rel  # an earlier run may have died while moving finished files into place
+    if done.is_file() and moved.is_file() and not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(moved, dest)
+    if done.is_file() and dest.is_file():
+        result = json.loads(done.read_text())
+        if result["size"] == dest.stat().st_size:
+            progress(sum(t.nbytes for t in tensors))
+            return result  # finished by an earlier, interrupted run
+    code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
+    plan = [(t.name, code or t.dtype, t.shape) for t in tensors]
+
+    def stream():
+        for t in tensors:
+            data = t.read()
+            progress(t.nbytes)
+            yield data if not code or code == t.dtype else cast(data, t.dtype, code)
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    result = write_safetensors(dest, plan, stream())
+    atomic_write_bytes(done, json.dumps(result).encode())
+    return result
+
+
+def _copy_small_files(layout: Layout, out: Path) -> list[str]:
+    """params.json (Mistral's, derived for HF sources) and the tokenizer, when there is one."""
+    atomic_write_bytes(out / "params.json", (json.dumps(layout.params.to_dict()) + "\n").encode())
+    copied = ["params.json"]
+    if layout.tokenizer is not None:
+        atomic_write_bytes(out / "tokenizer.model", layout.tokenizer.read_bytes())
+        copied.append("tokenizer.model")
+    return copied
+
+
+def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
+              results: dict[str, dict], copied: list[str], out: Path) -> dict:
+    entries = [{"path": rel, "size": r["size"], "blake3": r["blake3"]} for rel, r in results.items()]
+    entries += [{"path": rel, "size": (out / rel).stat().st_size, "blake3": hash_file(out / rel, "blake3")}
+                for rel in copied]
+    code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
+    tensors = [{"name": t.name, "file": rel, "dtype": code or t.dtype, "shape": list(t.shape),
+                "blake3": results[rel]["tensors"][t.name]}
+               for rel, ts in files.items() for t in ts]
+    order = {name: i for i, name in enumerate(layout.tensors)}
+    tensors.sort(key=lambda e: order[e["name"]])
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "params": layout.params.to_dict(),
+        "source": {"layout": layout.kind,
+                   "files": [{"path": p.relative_to(layout.root).as_posix(), "size": p.stat().st_size,
+                              "blake3": hash_file(p, "blake3")} for p in layout.files]},
+        "files": sorted(entries, key=lambda e: e["path"]),
+        "tensors": tensors,
+    }

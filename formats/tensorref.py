@@ -1,0 +1,63 @@
+"""Where one tensor's raw bytes lie: a byte range of a file (or of a file split into parts).
+
+Readers build a TensorRef only after checking that its range lies inside the file, so reading one never
+allocates more than the file holds.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from weightswarm.core.errors import FormatError
+from weightswarm.core.inputs import open_regular
+from weightswarm.formats.splitfile import SplitReader, split_parts
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor's raw little-endian C-order bytes: ``nbytes`` at ``offset`` of the logical file ``path``."""
+
+    name: str
+    dtype: str  # safetensors code
+    shape: tuple[int, ...]
+    path: Path  # the logical file; may exist only as split parts (path-split0..N)
+    offset: int
+    nbytes: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+    def rows(self, start: int, stop: int, name: str | None = None) -> TensorRef:
+        """Rows [start, stop) along dim 0, as a ref of their own."""
+        if not self.shape or not 0 <= start <= stop <= self.shape[0]:
+            raise ValueError(f"{self.name}: rows [{start}, {stop}) outside shape {list(self.shape)}")
+        return replace(self, name=name or self.name, shape=(stop - start, *self.shape[1:]),
+                       offset=self.offset + start * self.row_bytes, nbytes=(stop - start) * self.row_bytes)
+
+    def read(self) -> bytearray:
+        """Exactly nbytes (a bytearray, so a tensor can wrap it without a copy)."""
+        buf = bytearray(self.nbytes)
+        view = memoryview(buf)
+        got = 0
+        if self.path.is_file():
+            with open_regular(self.path) as f:
+                fd = f.fileno()
+                while got < self.nbytes:  # pread returns at most ~2 GiB at a time on Linux
+                    k = os.preadv(fd, [view[got:]], self.offset + got)
+                    if not k:
+                        break
+                    got += k
+        else:
+            parts = split_parts(self.path)
+            if not parts:
+                raise FormatError(self.path, f"{self.name}: no such file (and no split parts)")
+            with SplitReader(parts) as f:
+                f.seek(self.offset)
+                while got < self.nbytes and (k := f.readinto(view[got:])):
+                    got += k
+        if got < self.nbytes:
+            raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
+                                         f"{self.offset}, got {got}")
+        return buf
