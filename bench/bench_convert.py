@@ -42,7 +42,7 @@ def need_tools() -> None:
 def run(cmd: list[str], cwd: Path | None = None) -> tuple[float, int, str]:
     """Run cmd under /usr/bin/time -v: (wall seconds, peak RSS bytes, stdout); exit if it fails."""
     t = time.perf_counter()
-    p = subprocess.run([TIME, "-v", *cmd], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run([TIME, "-v", *cmd], cwd=cwd, capture_output=True, text=True)
     dt = time.perf_counter() - t
     if p.returncode:
         sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")

@@ -27,9 +27,9 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
 from common import machine, warm
-from urllib.parse import urlparse
 
 from weightswarm.procs import WsProcess
 

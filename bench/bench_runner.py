@@ -188,14 +188,14 @@ def main() -> None:
             add(name, row, timed(lambda: prefill[name](models[name], tokens, a.decode), device)[0])
     # Decode one step of each in turn, so load bursts from other processes hit both alike.
     steps: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(a.repeat):
+    for _ in range(a.repeat):
         state, logits = {}, {}
         for name in names:
             lg, cache = prefill[name](models[name], tokens, a.decode)
             state[name] = [cache, lg[0, -1].argmax()]
             logits[name] = lg[0].float().cpu()
         greedy = {n: [int(state[n][1])] for n in names}
-        per = {n: 0.0 for n in names}
+        per = dict.fromkeys(names, 0.0)
         for i in range(a.decode):
             for name in order(i):
                 cache, tok = state[name]
@@ -214,7 +214,8 @@ def main() -> None:
           f"{'identical' if same else 'differ'}{why}")
 
     rows = list(times["ours"])
-    print(f"\n| {'measure':<24} | ours (best / median) | transformers (best / median) | ours/transformers (best / median) |")
+    print(f"\n| {'measure':<24} | ours (best / median) | transformers (best / median) "
+          "| ours/transformers (best / median) |")
     print(f"|{'-' * 26}|---|---|---|")
     results = {}
     for row in rows:

@@ -79,7 +79,8 @@ def rows(work: Path, rel: Path) -> list[tuple[str, list[str], Path | None, tuple
         ("verify hybrid torrent (+RELEASE md5)", [*ws, "--torrent", thy, v], None,
          ("sha1sum", "sha256sum", "md5sum -c RELEASE")),
         ("verify --checksums B3SUMS", [*ws, v, "--checksums", str(work / "B3SUMS")], None, ("b3sum -c B3SUMS",)),
-        ("verify --checksums RELEASE (md5)", [*ws, v, "--checksums", str(rel / "RELEASE")], None, ("md5sum -c RELEASE",)),
+        ("verify --checksums RELEASE (md5)", [*ws, v, "--checksums", str(rel / "RELEASE")], None,
+         ("md5sum -c RELEASE",)),
         ("create --format v1 (libtorrent)", ["weightswarm", "create", str(rel), "-o", str(work / "t-v1.torrent"),
                                              "--format", "v1"], None, ("sha1sum",)),
         ("create --format hybrid (libtorrent)", ["weightswarm", "create", str(rel), "-o",
@@ -113,7 +114,7 @@ def main() -> None:
           f" start; load average at end {os.getloadavg()[0]:.2f}\n")
     print("| command | seconds | GB/s | vs baseline (same run) |")
     print("|---|---|---|---|")
-    for label, cmd, _, base in table:
+    for label, _cmd, _, base in table:
         s, med = best[label], statistics.median(times[label])
         gbs = "-" if "start-up" in label else f"{total / 1e9 / s:.2f}"
         ratio = ""

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from weightswarm.core.atomic import atomic_write_bytes, fsync_dir
 from weightswarm.core.errors import OptionError

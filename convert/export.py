@@ -70,7 +70,7 @@ def _hf(layout: Layout, work: Path, shard_bytes: int) -> list[Path]:
         size += t.nbytes
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map, written = {}, []
-    for name, tensors in zip(names, shards):
+    for name, tensors in zip(names, shards, strict=True):
         entries = [(mistral_to_hf(t.name), t.dtype, t.shape) for t in tensors]
         meta = {"format": "pt"}
         done = work / name
@@ -117,7 +117,9 @@ def _consolidated(layout: Layout, work: Path) -> list[Path]:
 
     def tensor(t: CanonTensor) -> torch.Tensor:
         dtype = getattr(torch, NAMES[t.dtype])
-        return torch.frombuffer(t.read(), dtype=dtype).reshape(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dtype)
+        if not t.nbytes:  # frombuffer refuses an empty buffer
+            return torch.empty(t.shape, dtype=dtype)
+        return torch.frombuffer(t.read(), dtype=dtype).reshape(t.shape)
 
     state = {t.name: tensor(t) for t in layout.tensors.values()}
     with atomic_open(work / "consolidated.00.pth") as f:

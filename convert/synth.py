@@ -16,10 +16,10 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from weightswarm.convert.presets import VOCAB_SIZE, preset_args
 from weightswarm.core.atomic import atomic_write_bytes, commit, discard, fsync_dir, naming, temp_path
 from weightswarm.core.errors import OptionError
 from weightswarm.core.paths import check_output_dir
-from weightswarm.convert.presets import VOCAB_SIZE, preset_args
 from weightswarm.formats.params import ModelArgs
 
 CHECKPOINT = "consolidated.00.pth"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 import blake3
 

@@ -65,7 +65,7 @@ def human(n: float) -> str:
 
 def size_text(n: int) -> str:
     """A byte count as an option takes it: ``64MiB`` when exact, else the plain number."""
-    for unit, scale in reversed(list(zip(_IEC[1:], BYTES_SUFFIX.values()))):
+    for unit, scale in reversed(list(zip(_IEC[1:], BYTES_SUFFIX.values(), strict=True))):
         if n and n % scale == 0:
             return f"{n // scale}{unit}"
     return str(n)

@@ -9,9 +9,9 @@ import time
 
 import libtorrent as lt
 
+from weightswarm.core.errors import InputError
 from weightswarm.distrib.daemon.torrents import Managed
 from weightswarm.distrib.torrentfile import check_info_paths, parse_torrent
-from weightswarm.core.errors import InputError
 
 log = logging.getLogger("weightswarm.daemon")
 

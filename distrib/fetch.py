@@ -22,11 +22,11 @@ from weightswarm.core.interrupt import Stop
 from weightswarm.core.locks import lock_exclusive
 from weightswarm.core.paths import check_output_dir
 from weightswarm.core.units import parse_duration, plural
-from weightswarm.distrib.session import (Event, SessionOptions, add_peers, make_session, raise_on_error,
-                                         state_dir)
+from weightswarm.distrib.session import Event, SessionOptions, add_peers, make_session, raise_on_error, state_dir
 from weightswarm.distrib.source import Source
 from weightswarm.distrib.torrentfile import Torrent, check_info_paths, parse_torrent
-from weightswarm.formats.perexpert import check_experts, expert_of_file, select_files as expert_files
+from weightswarm.formats.perexpert import check_experts, expert_of_file
+from weightswarm.formats.perexpert import select_files as expert_files
 from weightswarm.verify.folder import verify_folder
 from weightswarm.verify.report import Finding, Report
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import libtorrent as lt
 
-from weightswarm.distrib.session import Event, SessionOptions, make_session, raise_on_error
-from weightswarm.distrib.torrentfile import Torrent
 from weightswarm.core.errors import InputError, VerificationError
 from weightswarm.core.interrupt import Stop
-
+from weightswarm.distrib.session import Event, SessionOptions, make_session, raise_on_error
+from weightswarm.distrib.torrentfile import Torrent
 
 
 @dataclass(frozen=True)

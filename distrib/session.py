@@ -6,8 +6,8 @@ import ipaddress
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import libtorrent as lt
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import libtorrent as lt
 
+from weightswarm.core.errors import InputError, TorrentError
 from weightswarm.distrib.catalog import BY_HASH, RELEASES, Release, lookup
 from weightswarm.distrib.torrentfile import Torrent, load_torrent, lt_message
-from weightswarm.core.errors import InputError, TorrentError
 
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{40}|[0-9a-fA-F]{64})$")
 

@@ -11,7 +11,7 @@ import re
 
 from weightswarm.core.errors import FormatError
 from weightswarm.formats.dtypes import FLOAT_NAMES
-from weightswarm.formats.params import ModelArgs, MoeArgs
+from weightswarm.formats.params import ModelArgs
 
 _HF_FIXED = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
              "lm_head.weight": "output.weight"}

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from weightswarm.core.errors import FormatError
 from weightswarm.core.inputs import read_json
 from weightswarm.formats import safetensors
 from weightswarm.formats.dtypes import ITEMSIZE, nbytes
-from weightswarm.formats.hf import heads_of, hf_row_order, hf_to_mistral, mistral_to_hf, params_from_hf_config, \
-    reorder_rows
+from weightswarm.formats.hf import (
+    heads_of,
+    hf_row_order,
+    hf_to_mistral,
+    mistral_to_hf,
+    params_from_hf_config,
+    reorder_rows,
+)
 from weightswarm.formats.params import ModelArgs
 from weightswarm.formats.splitfile import split_parts
 from weightswarm.formats.tensorref import TensorRef

@@ -45,6 +45,6 @@ def load_manifest(path: str | os.PathLike) -> dict:
         if e["size"] < 0 or len(e["blake3"]) != 64 or not set(e["blake3"]) <= _HEX64:
             raise FormatError(path, f"{e['path']:.100}: bad size or blake3")
     for e in m.get("tensors", []):
-        if e["dtype"] not in ITEMSIZE or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"]):
+        if e["dtype"] not in ITEMSIZE or not all(type(d) is int and d >= 0 for d in e["shape"]):  # bool is no dim
             raise FormatError(path, f"{e['name']:.100}: bad dtype or shape")
     return m

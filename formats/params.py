@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from weightswarm.core.errors import FormatError
 from weightswarm.core.inputs import read_json

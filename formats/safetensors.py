@@ -9,9 +9,9 @@ import io
 import json
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from weightswarm.core.atomic import atomic_open
 from weightswarm.core.errors import FormatError

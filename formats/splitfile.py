@@ -59,7 +59,7 @@ class SplitReader(io.RawIOBase):
         # Sizes are taken once: a part that changes size while open is reported on read.
         sizes = [p.stat().st_size for p in self.parts]
         self._ends = list(itertools.accumulate(sizes))
-        self._starts = [end - n for end, n in zip(self._ends, sizes)]
+        self._starts = [end - n for end, n in zip(self._ends, sizes, strict=True)]
         self.size = self._ends[-1]
         self._pos = 0
         self._index = -1

@@ -258,7 +258,7 @@ def _ref(a: Archive, prefix: str, name: str, meta: _TensorMeta) -> TensorRef:
     for d in reversed(meta.shape):  # C-order strides; a dim of size 1 may carry any stride
         expected.insert(0, numel)
         numel *= d
-    if any(s != e for s, e, d in zip(meta.stride, expected, meta.shape) if d > 1):
+    if any(s != e for s, e, d in zip(meta.stride, expected, meta.shape, strict=True) if d > 1):
         raise FormatError(a.path, f"{name}: not contiguous (shape {list(meta.shape)}, stride {list(meta.stride)})")
     if (meta.offset + numel) * item > storage_bytes:
         raise FormatError(a.path, f"{name}: {meta.code} {list(meta.shape)} at element {meta.offset} "

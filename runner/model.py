@@ -203,7 +203,7 @@ def attention_mask(start: int, T: int, window: int | None, device) -> dict:
     Query i sees key j when j <= i and, with a sliding window W, i - W < j (W keys, itself included, as
     transformers applies it). The common cases need no mask tensor, which keeps the fused kernels."""
     S = start + T
-    if window is None or S <= window:
+    if window is None or window >= S:
         if T == 1:
             return {}  # one query sees every key
         if start == 0:

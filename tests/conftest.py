@@ -15,8 +15,8 @@ def nodes():
     """Start Nodes through this; every one is stopped at the end of the test, pass or fail."""
     started: list[WsProcess] = []
 
-    def start(*args, cwd=None) -> WsProcess:
-        n = WsProcess(*args, cwd=cwd)
+    def start(*args, cwd=None, prefix=None) -> WsProcess:
+        n = WsProcess(*args, cwd=cwd, prefix=prefix)
         started.append(n)
         return n
 

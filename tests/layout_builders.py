@@ -81,7 +81,7 @@ def write_hf(folder: Path, sd: Sd, args: ModelArgs, shards: int = 3) -> Path:
         shard = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: hf[n] for n in names[k * step:(k + 1) * step]}
         save_file(part, folder / shard, metadata={"format": "pt"})
-        weight_map.update({n: shard for n in part})
+        weight_map.update(dict.fromkeys(part, shard))
         total += sum(t.numel() * t.element_size() for t in part.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

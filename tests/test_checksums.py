@@ -4,9 +4,9 @@ import os
 import blake3
 import pytest
 
+from weightswarm.core.errors import FormatError, InputError
 from weightswarm.verify.checksums import algo_from_filename, parse_checksums, verify_checksums
 from weightswarm.verify.report import Finding
-from weightswarm.core.errors import FormatError, InputError
 
 A, B = b"weights" * 1000, b"tokenizer"
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.support import run_ws
 from tests.layout_builders import write_consolidated_pth, write_consolidated_safetensors, write_hf, write_stacked
+from tests.support import run_ws
 from weightswarm.convert.presets import preset_args
 from weightswarm.convert.synth import make_state_dict
 

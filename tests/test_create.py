@@ -70,7 +70,7 @@ def test_sizes_at_piece_boundaries(tmp_path, sizes):
         f.write(bytes([byte[0] ^ 1]))
     last_piece = (sum(sizes) - 1) // PIECE
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    covered = [f"f{i}.bin" for i, (s, n) in enumerate(zip(starts, sizes)) if s + n > last_piece * PIECE]
+    covered = [f"f{i}.bin" for i, (s, n) in enumerate(zip(starts, sizes, strict=True)) if s + n > last_piece * PIECE]
     bad = [f for f in verify_pieces(root, torrents["v1"]) if not f.ok]
     detail = f"piece {last_piece} failed (covers {', '.join(covered)})"
     assert [(f.path, f.detail) for f in bad] == [(name, detail) for name in covered]

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 import signal
 
-from tests.support import LOOPBACK, flip_byte, run_ws, tree_bytes
-from tests.support import Daemon, place
+from tests.support import LOOPBACK, Daemon, flip_byte, place, run_ws, tree_bytes
 
 
 def _fetch(nodes, torrent, out, *args):

@@ -105,10 +105,10 @@ def test_openapi_file_describes_every_route():
     import types
     from pathlib import Path
 
+    import yaml
+
     from weightswarm.distrib.daemon.api import make_app
     from weightswarm.distrib.daemon.config import DaemonConfig
-
-    import yaml
 
     spec = yaml.safe_load((Path(__file__).parent.parent / "openapi.yaml").read_text())
     documented = {(method.upper(), path.replace("{path}", "{tail}")) for path, ops in spec["paths"].items()

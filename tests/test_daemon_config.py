@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from weightswarm.core.errors import Forbidden, InputError, OptionError
 from weightswarm.distrib.daemon.config import DEFAULTS, DaemonConfig, load_config
 from weightswarm.distrib.daemon.state import read_or_create_token
-from weightswarm.core.errors import Forbidden, InputError, OptionError
 from weightswarm.distrib.daemon.torrents import PathGuard
 
 

@@ -9,14 +9,27 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.layout_builders import (permute_for_hf, to_hf, to_stacked, write_consolidated_pth,
-                                   write_consolidated_safetensors, write_hf, write_stacked)
+from tests.layout_builders import (
+    permute_for_hf,
+    to_hf,
+    to_stacked,
+    write_consolidated_pth,
+    write_consolidated_safetensors,
+    write_hf,
+    write_stacked,
+)
 from weightswarm.convert.presets import preset_args
 from weightswarm.convert.synth import make_state_dict
 from weightswarm.core.errors import FormatError
 from weightswarm.formats import safetensors
-from weightswarm.formats.hf import (hf_config_from_params, hf_row_order, hf_to_mistral, mistral_to_hf,
-                                    params_from_hf_config, reorder_rows)
+from weightswarm.formats.hf import (
+    hf_config_from_params,
+    hf_row_order,
+    hf_to_mistral,
+    mistral_to_hf,
+    params_from_hf_config,
+    reorder_rows,
+)
 from weightswarm.formats.layouts import open_layout
 from weightswarm.runner.load import from_bytes
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from weightswarm.convert.convert import convert
-from weightswarm.runner.generate import generate, sample
 from weightswarm.formats.layouts import Layout, open_layout
+from weightswarm.runner.generate import generate, sample
 from weightswarm.runner.load import build_model, load_model
 from weightswarm.runner.model import KVCache, attention_mask
 

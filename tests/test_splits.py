@@ -4,9 +4,9 @@ import zipfile
 
 import pytest
 
+from weightswarm.core.errors import FormatError, InputError, VerificationError
 from weightswarm.formats.splitfile import SplitReader, open_logical, split_parts
 from weightswarm.verify.join import join
-from weightswarm.core.errors import FormatError, InputError, VerificationError
 
 
 def write_parts(folder, base, chunks):

@@ -17,10 +17,10 @@ import sentencepiece as spm
 import torch
 
 from weightswarm.convert import synth
-from weightswarm.formats.params import ModelArgs
 from weightswarm.convert.presets import PRESETS, preset_args
 from weightswarm.convert.synth import CHECKPOINT, synthesize
 from weightswarm.core.errors import InputError
+from weightswarm.formats.params import ModelArgs
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = {"params.json", CHECKPOINT, "tokenizer.model", "RELEASE"}

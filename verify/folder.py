@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from weightswarm.verify.checksums import Entry, locate, parse_checksums, verify_entries
 from weightswarm.verify.pieces import verify_pieces
@@ -26,7 +27,8 @@ def find_checksum_files(root: Path) -> list[Path]:
 
 
 def verify_folder(root: str | os.PathLike, torrent: Torrent | None = None,
-                  checksum_files: list[Path] | None = None, algo: str | None = None, published: list[tuple[str, str, str]] = (),
+                  checksum_files: list[Path] | None = None, algo: str | None = None,
+                  published: list[tuple[str, str, str]] = (),
                   structure: bool = True, only: set[str] | None = None, workers: int = 2,
                   progress: Callable[[int], None] | None = None) -> Report:
     """Run the checks that apply. ``checksum_files=None`` means the ones the payload carries (``[]``:

@@ -8,9 +8,9 @@ manifest: verify, the runner (before it maps an expert file) and the daemon's sc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 from weightswarm.core import interrupt
 from weightswarm.core.errors import FormatError, InputError
@@ -43,7 +43,8 @@ def build_manifest(root: str | os.PathLike, tensors: bool = False, workers: int 
     manifest = {"format": FORMAT, "version": VERSION}
     if (root / "params.json").is_file():
         manifest["params"] = read_json(root / "params.json")
-    manifest["files"] = [{"path": rel, "size": p.stat().st_size, "blake3": d} for (rel, p), d in zip(files, digests)]
+    manifest["files"] = [{"path": rel, "size": p.stat().st_size, "blake3": d}
+                         for (rel, p), d in zip(files, digests, strict=True)]
     if tensors:
         manifest["tensors"] = [
             {"name": name, "file": rel, "dtype": ref.dtype, "shape": list(ref.shape), "blake3": blake3_hex(ref.read())}
@@ -123,7 +124,7 @@ def _tensor_findings(check: str, entries: list[dict], readers: Iterable[Callable
                      where: str = "") -> list[Finding]:
     """Hash each tensor's bytes (one at a time: memory stays at the largest tensor) against the manifest."""
     out = []
-    for e, read in zip(entries, readers):
+    for e, read in zip(entries, readers, strict=True):
         interrupt.check()
         place = where or e["file"]
         if read is None:

@@ -59,7 +59,8 @@ def _weight_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     for rel, path in walk_files(root):  # hidden names (.weightswarm, .pad, temp files) are left out
         logical = split_base(path.name) or path.name
         if logical.endswith(WEIGHT_SUFFIXES):
-            weights.setdefault(rel.removesuffix(path.name) + logical, path.with_name(logical))  # a file wins over its parts
+            # A real file sorts before its parts, and wins over them.
+            weights.setdefault(rel.removesuffix(path.name) + logical, path.with_name(logical))
         elif path.name == "params.json":
             params.append(rel)
     return dict(sorted(weights.items())), params

@@ -12,9 +12,9 @@ import json
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from weightswarm.core.errors import InputError, SwarmError, VerificationError, WeightswarmError
 from weightswarm.core.interrupt import Stop
@@ -156,7 +156,7 @@ class Demo:
 
     def verify(self) -> tuple[int, str]:
         reports = [n.last["verify"]["report"] for n in self.nodes]
-        bad = [n.name for n, r in zip(self.nodes, reports) if not r["ok"]]
+        bad = [n.name for n, r in zip(self.nodes, reports, strict=True) if not r["ok"]]
         if bad:
             raise VerificationError(", ".join(bad), "verification failed (pieces, RELEASE md5 or structure)")
         checks = ", ".join(f"{k} {v['passed']}" for k, v in reports[0]["summary"].items())

@@ -19,12 +19,14 @@ LOOPBACK = ["--listen", "127.0.0.1:0", "--no-dht"]  # an isolated node: loopback
 class WsProcess:
     """A running weightswarm command whose JSON events are read on a thread as they come."""
 
-    def __init__(self, *args, name: str | None = None, stderr_path: str | os.PathLike | None = None, cwd=None):
+    def __init__(self, *args, name: str | None = None, stderr_path: str | os.PathLike | None = None, cwd=None,
+                 prefix: list[str] | None = None):
+        """``prefix``: what runs the command line (default ``python -m weightswarm``)."""
         self.args = [str(a) for a in args]
         self.name = name or self.args[0]
         self._err_file = open(stderr_path, "w") if stderr_path else None
         try:
-            self.proc = subprocess.Popen(WS + self.args, cwd=cwd, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen([*(prefix or WS), *self.args], cwd=cwd, stdout=subprocess.PIPE,
                                          stderr=self._err_file or subprocess.PIPE, text=True)
         except OSError:
             if self._err_file:

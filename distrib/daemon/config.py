@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from weightswarm.core.errors import InputError, OptionError
 from weightswarm.core.inputs import read_regular

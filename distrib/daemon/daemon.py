@@ -124,7 +124,7 @@ class Daemon:
             self._save_resume(m)
         try:
             await asyncio.wait_for(self._all_resume_written(), deadline)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error("resume data not written within %.0f s: those torrents are re-checked at the next start",
                       deadline)
             return False

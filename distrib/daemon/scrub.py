@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from weightswarm.core.errors import InputError
 from weightswarm.distrib.torrentfile import Torrent

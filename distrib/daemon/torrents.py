@@ -8,10 +8,10 @@ from pathlib import Path
 
 import libtorrent as lt
 
+from weightswarm.core.errors import Forbidden, InputError, NotFound
+from weightswarm.core.paths import confined, inside
 from weightswarm.distrib.daemon.state import Entry
 from weightswarm.distrib.torrentfile import FileEntry, Torrent
-from weightswarm.core.paths import confined, inside
-from weightswarm.core.errors import Forbidden, InputError, NotFound
 
 
 class PathGuard:

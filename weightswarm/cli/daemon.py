@@ -16,7 +16,8 @@ from weightswarm.distrib.daemon.config import DEFAULTS, DaemonConfig, load_confi
 D = DEFAULTS
 
 
-@click.group(context_settings=CONTEXT, invoke_without_command=True, short_help="Seed many torrents; or talk to the daemon.")
+@click.group(context_settings=CONTEXT, invoke_without_command=True,
+             short_help="Seed many torrents; or talk to the daemon.")
 @click.option("--config", "config_file", type=PATH, metavar="PATH",
               help="TOML file with any of these settings (underscores or dashes); env: WEIGHTSWARM_CONFIG.")
 @click.option("--data", metavar="PATH", help="Root folder: every torrent's data lies under it (required to run).")
@@ -26,11 +27,13 @@ D = DEFAULTS
 @click.option("--dht/--no-dht", default=None, help="DHT and local peer discovery [default: on]")
 @click.option("--token-file", metavar="PATH",
               help="API bearer token, created with mode 0600 if absent [default: STATE/api-token]")
-@click.option("--max-upload-rate", metavar="BYTES", help="Upload limit of the daemon per second (e.g. 10m) [default: none]")
+@click.option("--max-upload-rate", metavar="BYTES",
+              help="Upload limit of the daemon per second (e.g. 10m) [default: none]")
 @click.option("--max-download-rate", metavar="BYTES", help="Download limit of the daemon per second [default: none]")
 @click.option("--max-connections", metavar="N", help=f"Peer connections of the daemon [default: {D.max_connections}]")
 @click.option("--torrent-max-upload-rate", metavar="BYTES", help="Default upload limit of each torrent [default: none]")
-@click.option("--torrent-max-download-rate", metavar="BYTES", help="Default download limit of each torrent [default: none]")
+@click.option("--torrent-max-download-rate", metavar="BYTES",
+              help="Default download limit of each torrent [default: none]")
 @click.option("--torrent-max-connections", metavar="N", help="Default connection limit of each torrent [default: none]")
 @click.option("--resume-interval", metavar="DURATION",
               help=f"Time between resume data saves (90, 5m, 1h) [default: {duration_text(D.resume_interval)}]")

@@ -134,7 +134,8 @@ def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_
 @click.option("-o", "--output", type=PATH, required=True, metavar="PATH",
               help="Folder; files land in OUTPUT/<torrent name>/.")
 @click.option("--only", multiple=True, metavar="GLOB", help="Fetch only matching files (repeatable).")
-@click.option("--experts", metavar="LIST", help="Per-expert layout: the dense files and these experts only (0,3 or 0-3).")
+@click.option("--experts", metavar="LIST",
+              help="Per-expert layout: the dense files and these experts only (0,3 or 0-3).")
 @click.option("--peer", multiple=True, metavar="HOST:PORT", help="Connect to this peer (repeatable).")
 @click.option("--web-seed", multiple=True, metavar="URL", help="Add a BEP 19 web seed (repeatable).")
 @listen_options
