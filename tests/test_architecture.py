@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import LOOPBACK, Daemon, place, run_ws, seeder
+from tests.support import LOOPBACK, Daemon, place, run_ws
 
 ROOT = Path(__file__).parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -88,8 +88,9 @@ def test_every_module_imports_alone():
 # Runs a weightswarm command in this interpreter and says, when it exits (also by SIGTERM), whether torch
 # was ever imported.
 TORCH_PROBE = """
-import atexit, signal, sys
-atexit.register(lambda: open(sys.argv[1], "w").write(str("torch" in sys.modules)))
+import atexit, sys
+flag = sys.argv[1]
+atexit.register(lambda: open(flag, "w").write(str("torch" in sys.modules)))
 from weightswarm.cli import main
 sys.argv = ["weightswarm", *sys.argv[2:]]
 main()
