@@ -173,7 +173,7 @@ NAMES = {"pieces": "torrent pieces (SHA-1)", "merkle": "torrent merkle trees (SH
 UNITS = {"tensor": "tensor", "provenance": "tensor"}
 
 
-def print_report(report: Report, pieces: int | None = None) -> None:
+def print_report(report: Report, pieces: int | None = None, torrent_name: str | None = None) -> None:
     """What was checked, per kind, and every failure with its file; ``pieces``: the torrent's piece count."""
     out = sys.stdout
     for check, counts in report.summary().items():
@@ -189,10 +189,11 @@ def print_report(report: Report, pieces: int | None = None) -> None:
         print(f"{text}  {status}", file=out)
     for f in report.failures:
         print(f"FAIL {f.check}: {f.path}: {f.detail}", file=out)
-    pieces_found = [f for f in report.findings if f.check in ("pieces", "merkle")]
-    if pieces_found and not any(f.ok for f in pieces_found):
-        print("Hint: not one file matches the torrent: is it this folder's torrent? (give the torrent's top "
-              "folder, the one named like the torrent)", file=out)
+    files = [f for f in report.findings if f.check in ("pieces", "merkle")]
+    absent = [f for f in files if f.detail == "missing or wrong size"]
+    if files and 2 * len(absent) >= len(files):
+        print(f"Hint: most of the torrent's files are missing or of another size here: is this its top folder"
+              f" (the one named {torrent_name!r}), and is it this folder's torrent?", file=out)
     if not report.findings:
         print("nothing to check", file=out)
     print("verified: OK" if report.ok else "verified: FAILED", file=out, flush=True)

@@ -227,7 +227,7 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_che
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
     else:
-        print_report(report, torrent.info.num_pieces() if torrent else None)
+        print_report(report, torrent.info.num_pieces() if torrent else None, torrent.name if torrent else None)
     exit_for(report)
 
 
