@@ -25,7 +25,7 @@ from weightswarm.core.errors import InputError, OptionError
 from weightswarm.runner.generate import generate
 from weightswarm.runner.load import build_model, load_model, open_checked, resolve_device, resolve_dtype, torch_dtype
 from weightswarm.runner.model import Transformer
-from weightswarm.runner.tokenizer import Tokenizer
+from weightswarm.runner.tokenizer import Tokenizer, printable
 
 DEFAULT_PROMPT = "The capital of France is"
 DEFAULT_MAX_NEW_TOKENS = 16
@@ -174,7 +174,7 @@ def print_report(r: dict, file=None) -> None:
     prompt = f"{r['prompt']!r}, " if r.get("prompt") is not None else ""
     line("prompt", f"{prompt}{len(r['prompt_tokens'])} tokens: {_ids(r['prompt_tokens'])}")
     if "text" in r:
-        line("output", _shown(r["text"]))
+        line("output", printable(r["text"]))
     line("tokens", _ids(r["generated_tokens"]))
     decode = f"{r['tokens_per_second']:.1f} tokens/s" if r["tokens_per_second"] else "-"
     line("speed", f"prefill {len(r['prompt_tokens'])} tokens in {r['prefill_seconds']:.3f} s; decode {decode}")
@@ -196,12 +196,6 @@ def print_report(r: dict, file=None) -> None:
                     f"top-1 agreement {100 * ref['top1_agreement']:.1f}% over {ref['positions']} positions",
                ref["passed"])
     print("PASS" if r["passed"] else "FAIL", file=out)
-
-
-def _shown(text: str) -> str:
-    """Generated text on one line: control characters escaped, the rest (and its \\xNN escapes) as is."""
-    controls = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 13: "\\r", 127: "\\x7f"}
-    return '"' + text.translate(controls) + '"'
 
 
 def _check(out, text: str, ok: bool) -> None:

@@ -41,3 +41,9 @@ class Tokenizer:
                 out += (piece[1:] if first and piece.startswith(SPACE) else piece).replace(SPACE, " ").encode()
             first = False
         return out.decode("utf-8", "backslashreplace")
+
+
+def printable(text: str) -> str:
+    """Generated text on one line, quoted: control characters escaped, the rest (and its \\xNN escapes) as is."""
+    controls = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 13: "\\r", 127: "\\x7f"}
+    return '"' + text.translate(controls) + '"'

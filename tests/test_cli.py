@@ -162,3 +162,29 @@ def test_fetch_draws_one_line_at_80_columns_on_a_terminal(nodes, tiny_release, t
     drawn = [f.decode() for f in frames if f.startswith(b"progress")]
     assert drawn, out
     assert all(len(f.rstrip("\n")) <= 80 for f in drawn), max(drawn, key=len)
+
+
+def test_daemon_list_keeps_its_columns_and_its_plurals():
+    from weightswarm.cli.daemon import list_line
+
+    def line(state, peers, bad):
+        return list_line({"id": "ab" * 20, "state": state, "progress": 0.5, "peers": peers, "uploaded": 3 << 20,
+                          "ratio": 0.25, "last_scrub": {"ok": not bad, "bad_pieces": [7] * bad}, "name": "m"})
+
+    short, long = line("seeding", 1, 1), line("checking_resume_data", 12, 2)
+    assert short.index("50.0%") == long.index("50.0%") and short.index("up ") == long.index("up ")
+    assert "1 peer " in short and "1 bad piece " in short and "12 peers" in long and "2 bad pieces" in long
+
+
+def test_bad_input_to_a_torch_command_prints_one_error_line_and_no_warning(converted, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(converted, broken)
+    with open(broken / "experts" / "expert-02.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"[garbage")
+    r = run_ws("smoke", broken, "--max-new-tokens", "2")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines()[0].startswith(f"Error: {broken / 'experts' / 'expert-02.safetensors'}: ")
+    assert "Warning" not in r.stderr and len(r.stderr.splitlines()) <= 2

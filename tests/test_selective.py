@@ -24,9 +24,14 @@ def test_fetch_two_experts_from_a_converted_release(nodes, converted, tmp_path):
     assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == wanted
     # Every file starts on a piece boundary (hybrid torrent): no byte of the other experts was downloaded.
     # The only slack: a file's last 16 KiB block goes whole over the wire, pad bytes included.
-    downloaded = f.last["finished"]["downloaded"]
+    fin = f.last["finished"]
     need = sum(sizes[p] for p in wanted)
-    assert need <= downloaded < need + len(wanted) * 16 * 1024
+    assert need <= fin["downloaded"] < need + len(wanted) * 16 * 1024
+    # The figures add up: what came over the wire is the files, the padding of their last blocks,
+    # redundant and failed blocks; protocol overhead is counted apart.
+    assert fin["new"] == need == f.last["metadata"]["selected_size"]
+    assert fin["downloaded"] == fin["new"] + fin["padding"] + fin["redundant"] + fin["failed"]
+    assert fin["protocol"] > 0 and sum(fin["sources"].values()) <= fin["downloaded"]
 
     r = run_ws("verify", got, "--manifest", got / "manifest.json", "--json")
     assert r.returncode == 0, r.stdout + r.stderr

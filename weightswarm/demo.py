@@ -148,11 +148,14 @@ class Demo:
         for n in self.nodes:
             fin = n.last["finished"]
             from_daemon = fin["sources"].get(daemon, 0)
-            self.show(f"  {n.name}: {human(fin['downloaded'])} of payload: {human(from_daemon)} from the daemon, "
+            extra = fin["downloaded"] - fin["new"]
+            self.show(f"  {n.name}: {human(fin['new'])} of files + {human(extra)} of block padding and redundant "
+                      f"blocks: {human(from_daemon)} from the daemon, "
                       f"{human(max(0, fin['downloaded'] - from_daemon))} from other nodes")
-        got, sent = sum(n.last["finished"]["downloaded"] for n in self.nodes), self.api.uploaded()
-        return got, (f"{self.leechers} nodes got {human(got)} for a {human(payload)} release; the daemon sent "
-                     f"{human(sent)} ({sent / payload:.2f}x the payload), the nodes each other the rest")
+        got = sum(n.last["finished"]["downloaded"] for n in self.nodes)
+        sent = self.api.uploaded()
+        return got, (f"{self.leechers} nodes received {human(got)} for a {human(payload)} release; the daemon "
+                     f"sent {human(sent)} ({sent / payload:.2f}x the payload), the nodes each other the rest")
 
     def verify(self) -> tuple[int, str]:
         reports = [n.last["verify"]["report"] for n in self.nodes]
@@ -193,13 +196,14 @@ class Demo:
 
     def smoke(self) -> tuple[int, str]:
         from weightswarm.runner.smoke import smoke
+        from weightswarm.runner.tokenizer import printable
 
         r = smoke(self.experts, prompt="The weights of the swarm", max_new_tokens=8, reference=self.release,
                   dtype="float32")
         if not r["passed"]:
             raise VerificationError(self.experts, "smoke test failed: " + json.dumps(r["checks"]))
         return 0, (f"per-expert model = original checkpoint (max |diff| {r['max_abs_diff']}, "
-                   f"{r['checks']['reference']['comparison']}); greedy: {r.get('text', '')!r}")
+                   f"{r['checks']['reference']['comparison']}); greedy: {printable(r.get('text', ''))}")
 
 
 def run_demo(workdir: Path, leechers: int = 3, preset: str = "small", seed_rate: str = "4m",

@@ -114,12 +114,16 @@ def list_(obj, as_json: bool) -> None:
         click.echo(json.dumps(torrents, indent=2))
         return
     for t in torrents:
-        scrub = t["last_scrub"]
-        scrubbed = "never scrubbed" if not scrub else ("scrub ok" if scrub["ok"] else
-                                                        f"scrub found {plural(len(scrub['bad_pieces']), 'bad piece')}")
-        click.echo(f"{t['id'][:16]}  {t['state'][:12]:<12} {100 * t['progress']:5.1f}%  "
-                   f"{plural(t['peers'], 'peer'):>9}  up {human(t['uploaded'])} (ratio {t['ratio']:.2f})  "
-                   f"{scrubbed}  {t['name']}")
+        click.echo(list_line(t))
+
+
+def list_line(t: dict) -> str:
+    """One torrent in fixed columns (the id as a 16-digit prefix, which every command accepts)."""
+    scrub = t["last_scrub"]
+    scrubbed = "never scrubbed" if not scrub else ("scrub ok" if scrub["ok"] else
+                                                    f"scrub found {plural(len(scrub['bad_pieces']), 'bad piece')}")
+    return (f"{t['id'][:16]}  {t['state'][:12]:<12} {100 * t['progress']:5.1f}%  {plural(t['peers'], 'peer'):>9}  "
+            f"up {human(t['uploaded']):>10} (ratio {t['ratio']:.2f})  {scrubbed}  {t['name']}")
 
 
 @daemon.command(context_settings=CONTEXT)
