@@ -67,7 +67,8 @@ def test_kill_9_then_restart_rechecks_only_the_torrent_whose_files_changed(nodes
     checked_b = d2.event("checked", b.info_hash)
     d2.event("seeding", a.info_hash)
     sa, sb = d2.status(a.info_hash), d2.status(b.info_hash)
-    assert sa["start"]["mode"] == "resume" and sa["rechecks"] == 0 and sa["state"] == "seeding"
+    # After a crash size and mtime are not trusted alone: a starts at once, each piece hashed before it is sent.
+    assert sa["start"]["mode"] == "verify-on-upload" and sa["rechecks"] == 0 and sa["state"] == "seeding"
     assert sb["start"] == {"mode": "check", "reason": "files changed since the resume data was saved"}
     assert sb["rechecks"] == 1 and checked_b["have"] == b.info.num_pieces() - 1  # the changed piece is dropped
     assert sb["state"] == "downloading"  # it waits for a peer to send the piece again, never serves it
@@ -168,3 +169,43 @@ def test_magnet_metadata_from_a_peer_then_download_into_data(nodes, tiny_release
     d.event("seeding", t.v1)
     assert tree_bytes(data / "incoming" / t.name) == tree_bytes(tiny_release)
     assert (state / "torrents" / f"{t.v1}.torrent").exists()  # so a restart needs no peer for the metadata
+
+
+def test_after_a_crash_no_unverified_byte_is_served(nodes, tiny_release, tiny_torrent, tmp_path):
+    """kill -9, then a byte rots keeping the file's size and mtime: neither the web seed nor a peer gets it."""
+    import os
+
+    from weightswarm.distrib.torrentfile import load_torrent
+
+    t = load_torrent(tiny_torrent)
+    ih = t.info_hash
+    data, state = tmp_path / "data", tmp_path / "state"
+    root = place(tiny_release, data)
+    d = Daemon(nodes, data, state)
+    assert d.add(tiny_torrent.read_bytes())[0] == 201
+    d.event("resume_saved", ih)
+    assert d.node.stop(signal.SIGKILL) == -signal.SIGKILL
+    path = root / "consolidated.00.pth"
+    st = path.stat()
+    flip_byte(path, 300_000)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # the rot keeps the size and the mtime
+
+    d2 = Daemon(nodes, data, state)
+    d2.event("seeding", ih)
+    assert d2.status(ih)["start"]["mode"] == "verify-on-upload"
+    f = next(f for f in t.files() if f.path == "consolidated.00.pth")
+    plen = t.info.piece_length()
+    piece = (f.offset + 300_000) // plen
+    begin = piece * plen - f.offset
+    code, _, _ = d2.request("GET", f"/seed/{ih}/{t.name}/consolidated.00.pth",
+                            headers={"Range": f"bytes={begin}-{begin + plen - 1}"}, token=None)
+    assert code == 503  # hashed before it was sent, found bad, never sent
+    bad = d2.event("bad_piece", ih)
+    assert bad["piece"] == piece
+    assert d2.event("checked", ih, after=bad)["have"] == t.info.num_pieces() - 1  # and taken out of service
+    code, body, _ = d2.request("GET", f"/seed/{ih}/{t.name}/params.json", token=None)  # a good piece: served
+    assert code == 200 and body == json.loads((tiny_release / "params.json").read_bytes())
+    # A peer gets every other piece and never the rotten one.
+    leech = _fetch(nodes, tiny_torrent, tmp_path / "leech", "--peer", f"127.0.0.1:{d2.port}")
+    leech.wait_event(lambda e: e["event"] == "progress" and e["pieces"] == t.info.num_pieces() - 1)
+    assert not any(e["event"] == "hash_failed" for e in leech.events)

@@ -140,7 +140,8 @@ async def web_seed(request: web.Request) -> web.StreamResponse:
     start = rng.start or 0
     start = max(0, f.size + start) if start < 0 else start  # a suffix longer than the file means all of it
     stop = min(f.size, rng.stop if rng.stop is not None else f.size)
-    if not m.serves(f.offset + start, max(0, stop - start)):
+    pieces = m.pieces_of(f.offset + start, max(0, stop - start))
+    if not m.serves(pieces) or (m.lazy and not await d.verify_for_upload(m, pieces)):
         return json_error(503, "those pieces are not verified here (missing, being checked or repaired)",
                           {"Retry-After": "60"})
     return web.FileResponse(path, headers={"Cache-Control": "no-store"})

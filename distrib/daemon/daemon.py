@@ -30,6 +30,7 @@ from weightswarm.distrib.daemon.torrents import Managed, PathGuard
 from weightswarm.distrib.session import SessionOptions, make_session
 from weightswarm.distrib.source import resolve
 from weightswarm.distrib.torrentfile import Torrent, check_info_paths, lt_message, parse_torrent
+from weightswarm.verify.pieces import check_pieces
 
 log = logging.getLogger("weightswarm.daemon")
 
@@ -57,6 +58,7 @@ class Daemon:
         self.token = ""
         self._cancel = threading.Event()  # tells scrub threads to stop
         self._scrubs = ThreadPoolExecutor(1, "scrub")  # one scrub at a time: they share the disk
+        self._hashing = ThreadPoolExecutor(2, "verify")  # pieces the web seed is about to send (seed mode)
         self._io = ThreadPoolExecutor(1, "state-io")  # one thread: state writes happen in the order asked
         self._resume_pending: dict[str, list] = {}  # id -> file fingerprint taken when the save was asked for
         self._resume_done = asyncio.Event()
@@ -131,6 +133,7 @@ class Daemon:
         finally:
             asyncio.get_running_loop().remove_reader(self._alert_r.fileno())
             self._scrubs.shutdown(wait=False, cancel_futures=True)
+            self._hashing.shutdown(wait=False, cancel_futures=True)
         return self.counters["resume_failures"] == failures
 
     async def _all_resume_written(self) -> None:
@@ -171,10 +174,22 @@ class Daemon:
         if data is not None:
             torrent = parse_torrent(data, self.state.torrents / f"{entry.id}.torrent")
         save = self.paths.save_dir(entry.save_path)
+        lazy = False
         if torrent is not None:
             atp, reason = (None, "new torrent") if fresh else \
                 self.state.load_resume(entry.id, fingerprint(self.paths.payload(torrent, entry.save_path)))
-            start = {"mode": "resume" if atp else "check", "reason": reason}
+            if atp is not None and self.previous_shutdown == "crash":
+                # A crash may leave files whose size and mtime match while their bytes do not (a write that
+                # never reached the disk, a disk that rots). Complete torrents then start in libtorrent's
+                # seed mode, which hashes each piece before its first upload; the web seed does the same
+                # (web_seed_pieces). Incomplete ones are checked in full.
+                if len(atp.have_pieces) == torrent.info.num_pieces() and all(atp.have_pieces):
+                    atp.flags |= lt.torrent_flags.seed_mode
+                    lazy, reason = True, "the previous run did not stop cleanly: each piece is hashed before it " \
+                                         "is first sent"
+                else:
+                    atp, reason = None, "the previous run did not stop cleanly: the files are checked"
+            start = {"mode": "verify-on-upload" if lazy else "resume" if atp else "check", "reason": reason}
             atp = atp or lt.add_torrent_params()
             atp.ti = torrent.info
         elif entry.magnet:
@@ -190,7 +205,7 @@ class Daemon:
         atp.upload_limit = limits.get("upload_rate", self.cfg.torrent_max_upload_rate) or -1
         atp.download_limit = limits.get("download_rate", self.cfg.torrent_max_download_rate) or -1
         atp.max_connections = limits.get("max_connections", self.cfg.torrent_max_connections) or -1
-        m = Managed(entry, self.ses.add_torrent(atp), torrent, start)
+        m = Managed(entry, self.ses.add_torrent(atp), torrent, start, lazy=lazy)
         self.torrents[entry.id] = m
         self.event("added", id=entry.id, name=m.name, start=start)
         return m
@@ -311,6 +326,8 @@ class Daemon:
             m.scrubbing = None
         if m.removed:  # removed while it ran (maybe with its data): nothing to count or report
             return
+        if not res.bad_pieces and res.pieces_checked == len(have):
+            m.lazy = False  # every piece it has was just hashed
         if res.good_pieces and not res.bad_pieces:  # pieces it lacked are good on disk again: take them back
             self.event("good_data", id=m.entry.id, pieces=res.good_pieces)
             self._take_out_of_service(m, f"{plural(len(res.good_pieces), 'missing piece')} found good on disk")
@@ -342,6 +359,20 @@ class Daemon:
             return
         self._resume_pending[m.entry.id] = files
         m.handle.save_resume_data(RESUME_FLAGS)
+
+    async def verify_for_upload(self, m: Managed, pieces: range) -> bool:
+        """Before the web seed sends pieces of a torrent in seed mode: hash those not hashed yet (in a worker
+        thread); a bad one is taken out of service like a scrub's find. True if all are good."""
+        todo = [p for p in pieces if p not in m.verified]
+        if not todo:
+            return True
+        res = await asyncio.get_running_loop().run_in_executor(
+            self._hashing, lambda: check_pieces(m.torrent.root(self.paths.save_dir(m.entry.save_path)), m.torrent,
+                                                todo, workers=1))
+        m.verified.update(set(todo) - set(res.bad))
+        for p in res.bad:
+            self._bad_piece(m, p)
+        return not res.bad
 
     async def _in_io(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
@@ -393,6 +424,8 @@ class Daemon:
         elif isinstance(a, lt.torrent_checked_alert):
             st = m.handle.status()
             m.status_cache, m.recheck_requested = st, False
+            if m.checks:  # a full check hashed every piece it kept
+                m.lazy = False
             self.event("checked", id=m.entry.id, have=st.num_pieces, total=m.torrent.info.num_pieces()
                        if m.torrent else 0, rechecks=m.checks)
             self._save_resume(m)

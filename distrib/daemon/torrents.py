@@ -68,7 +68,9 @@ class Managed:
     entry: Entry
     handle: lt.torrent_handle
     torrent: Torrent | None  # None until a magnet's metadata arrives
-    start: dict  # how it was started: {"mode": "resume" | "check" | "metadata", "reason": ...}
+    start: dict  # how it was started: {"mode": "resume" | "verify-on-upload" | "check" | "metadata", "reason"}
+    lazy: bool = False  # in seed mode after a crash: pieces are hashed before they are first sent
+    verified: set[int] = field(default_factory=set)  # of a lazy torrent: pieces hashed since it started
     state: str = "checking_resume_data"  # from state_changed alerts
     checks: int = 0  # full re-checks seen since start (checking_files states)
     hash_failures: int = 0  # downloaded pieces that failed their hash
@@ -99,14 +101,18 @@ class Managed:
         return [fs.file_path(s.file_index).replace(os.sep, "/") for s in ti.map_block(piece, 0, ti.piece_size(piece))
                 if not int(fs.file_flags(s.file_index)) & int(fs.flag_pad_file)]
 
-    def serves(self, offset: int, length: int) -> bool:
-        """Whether every piece under these payload bytes is verified here and not being re-checked."""
-        if length <= 0:
+    def pieces_of(self, offset: int, length: int) -> range:
+        plen = self.torrent.info.piece_length()
+        return range(offset // plen, (offset + length - 1) // plen + 1) if length > 0 else range(0)
+
+    def serves(self, pieces: range) -> bool:
+        """Whether every piece is had here, not found bad and not being re-checked (a lazy torrent's pieces
+        must also be hashed first: Daemon.verify_for_upload)."""
+        if not pieces:
             return True
         if self.torrent is None or self.recheck_requested or self.state not in ("seeding", "finished", "downloading"):
             return False
-        plen, have = self.torrent.info.piece_length(), self.status_cache.pieces
-        pieces = range(offset // plen, (offset + length - 1) // plen + 1)
+        have = self.status_cache.pieces
         return all(i < len(have) and have[i] and i not in self.found_bad for i in pieces)
 
     def scrub_due(self, interval: float) -> bool:
