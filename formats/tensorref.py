@@ -13,6 +13,9 @@ from weightswarm.core.errors import FormatError
 from weightswarm.core.inputs import open_regular
 from weightswarm.formats.splitfile import SplitReader, split_parts
 
+# Files whose tensors have byte ranges: torch.save zips (formats.torchzip) and safetensors (formats.safetensors).
+WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+
 
 @dataclass(frozen=True)
 class TensorRef:

@@ -17,18 +17,18 @@ from weightswarm.core.errors import FormatError, InputError
 from weightswarm.core.hashing import Spend, blake3_hex, hash_file
 from weightswarm.core.inputs import os_problem, read_json
 from weightswarm.core.paths import confined, walk_files
-from weightswarm.formats import safetensors
 from weightswarm.formats.dtypes import cast
-from weightswarm.formats.layouts import open_layout
 from weightswarm.formats.manifest import FORMAT, NAME, VERSION, load_manifest
-from weightswarm.formats.tensorref import TensorRef
-from weightswarm.formats.torchzip import torch_zip_refs
+from weightswarm.formats.tensorref import WEIGHT_SUFFIXES, TensorRef
 from weightswarm.verify.report import Finding
-from weightswarm.verify.structure import WEIGHT_SUFFIXES
 
 
 def file_tensors(path: Path) -> dict[str, TensorRef]:
     """The tensors of one weight file (safetensors, or a torch.save zip through the restricted reader)."""
+    # Imported here: checking files alone (the common case, compared with b3sum) reads no weight format.
+    from weightswarm.formats import safetensors
+    from weightswarm.formats.torchzip import torch_zip_refs
+
     return safetensors.refs(path) if path.name.endswith(".safetensors") else torch_zip_refs(path)
 
 
@@ -143,6 +143,8 @@ def _tensor_findings(check: str, entries: list[dict], readers: Iterable[Callable
 
 def _source_findings(source: Path, entries: list[dict]) -> list[Finding]:
     """The source checkpoint's canonical tensors, read as the converter reads them, against the manifest."""
+    from weightswarm.formats.layouts import open_layout  # only provenance reads layouts: keep start-up short
+
     layout = open_layout(source)
 
     def reader(e: dict) -> Callable[[], bytes] | None:

@@ -14,12 +14,12 @@ from weightswarm.core.paths import confined, walk_files
 from weightswarm.formats import safetensors
 from weightswarm.formats.params import ModelArgs
 from weightswarm.formats.splitfile import split_base, split_parts
+from weightswarm.formats.tensorref import WEIGHT_SUFFIXES
 from weightswarm.formats.torchzip import check_crcs, torch_zip_refs
 from weightswarm.verify.report import Finding, first_few
 
 TensorInfo = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype code, shape)
 
-WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
 # The checkpoint params.json describes, first match wins.
 CHECKPOINTS = ("consolidated.00.pth", "consolidated.safetensors")
 

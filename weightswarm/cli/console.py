@@ -9,7 +9,9 @@ import json
 import shutil
 import sys
 import time
+from pathlib import Path
 
+from weightswarm.core.errors import InputError, VerificationError
 from weightswarm.core.units import human, plural
 from weightswarm.verify.report import Report
 
@@ -201,3 +203,12 @@ def print_report(report: Report, pieces: int | None = None, torrent_name: str | 
 
 def _few(names: list[str], n: int = 3) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def exit_for(report) -> None:
+    """Exit 2 naming the first refused file (unsafe or malformed), 1 if data is wrong, else return."""
+    refused = next((f for f in report.failures if f.refused), None)
+    if refused:
+        raise InputError(Path(report.root) / refused.path, refused.detail)
+    if not report.ok:
+        sys.exit(VerificationError.exit_code)

@@ -1,7 +1,6 @@
 """``weightswarm daemon``: run the seeding daemon in the foreground, or talk to a running one through its API."""
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -63,6 +62,8 @@ def daemon(ctx: click.Context, config_file: Path | None, as_json: bool, **option
 
 
 def _run(cfg: DaemonConfig, as_json: bool) -> None:
+    import asyncio
+
     from weightswarm.distrib.daemon.api import start_api
     from weightswarm.distrib.daemon.daemon import Daemon
 

@@ -104,6 +104,3 @@ def smoke(model_dir, prompt, tokens, max_new_tokens, reference, device, dtype, t
         print_report(result)
     if not result["passed"]:
         sys.exit(VerificationError.exit_code)
-
-
-COMMANDS = (convert, manifest, export, smoke)
