@@ -39,7 +39,7 @@ def merkle_root(leaves: list[bytes], width: int, pad: bytes = ZERO) -> bytes:
 
 def pow2(n: int) -> int:
     """The smallest power of two >= n (1 for 0)."""
-    return 1 << max(0, (n - 1).bit_length())
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 class _Payload:
