@@ -88,9 +88,13 @@ def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bo
             report = verify_folder(result.root, published=published, only=set(result.selected) if
                                    (opts.only or opts.experts is not None) else None)
             report.findings[:0] = result.pieces
-            emit({"event": "verify", "report": report.to_json()})
-        if opts.seed_after and (report is None or report.ok):
-            fetcher.seed()
+        try:
+            if report is not None:
+                emit({"event": "verify", "report": report.to_json()})
+            if opts.seed_after and (report is None or report.ok):
+                fetcher.seed()
+        except Stop:
+            pass  # a stop once the download is complete and checked ends the seeding, cleanly
     return report
 
 
@@ -271,19 +275,16 @@ class Fetcher:
         """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""
         sa, start = self.opts.seed_after, time.monotonic()
         wanted = sum(f.size for f in self.torrent.payload_files() if f.path in set(self.selected))
-        try:
-            while True:
-                self.ses.wait_for_alert(500)
-                for a in self.ses.pop_alerts():
-                    raise_on_error(a, self.opts.output)
-                st = self.handle.status()
-                self.emit(self._progress(st) | {"event": "seeding"})
-                if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
-                    return
-                if sa.ratio is not None and wanted and st.all_time_upload / wanted >= sa.ratio:
-                    return
-        except Stop:
-            return
+        while True:
+            self.ses.wait_for_alert(500)
+            for a in self.ses.pop_alerts():
+                raise_on_error(a, self.opts.output)
+            st = self.handle.status()
+            self.emit(self._progress(st) | {"event": "seeding"})
+            if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
+                return
+            if sa.ratio is not None and wanted and st.all_time_upload / wanted >= sa.ratio:
+                return
 
     def _params(self) -> lt.add_torrent_params:
         atp = self.source.params
