@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 
+_CONTROLS = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 13: "\\r", 127: "\\x7f"}
+
+
+def one_line(text: str) -> str:
+    """text with its control characters escaped: what a hostile input puts in a message stays on its line."""
+    return text.translate(_CONTROLS)
+
 
 class WeightswarmError(Exception):
     """Base class: an error about one path (or source) with a one-line problem."""

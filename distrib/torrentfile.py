@@ -83,12 +83,41 @@ class Torrent:
         return range(f.offset // plen, (f.offset + max(f.size, 1) - 1) // plen + 1) if f.size else range(0)
 
 
+def _ints_fit(data: bytes) -> bool:
+    """Every bencoded integer of data fits in 64 bits. libtorrent decodes a larger one as 0, so a file that
+    declares 2**64 + 5 bytes would pass as empty: such a torrent lies and is refused."""
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i:i + 1]
+        if c in (b"d", b"l", b"e"):
+            i += 1
+        elif c == b"i":
+            end = data.find(b"e", i)
+            if end < 0 or not -(1 << 63) <= int(data[i + 1:end] or b"x", 10) < 1 << 63:
+                return False
+            i = end + 1
+        elif c.isdigit():
+            colon = data.find(b":", i, i + 21)
+            if colon < 0:
+                return False
+            i = colon + 1 + int(data[i:colon])
+        else:
+            return False
+    return True
+
+
 def parse_torrent(data: bytes, source: str | os.PathLike) -> Torrent:
     source = os.fspath(source)
     try:
         raw = lt.bdecode(data)
     except Exception:
         raw = None
+    if isinstance(raw, dict):
+        try:
+            if not _ints_fit(data):
+                raise TorrentError(source, "not a valid torrent file: an integer does not fit in 64 bits")
+        except ValueError:  # digits that are no number: libtorrent decoded something else than we walk
+            raise TorrentError(source, "not a valid torrent file (bad bencoding)") from None
     if not isinstance(raw, dict) or not isinstance(raw.get(b"info"), dict):
         raise TorrentError(source, "not a valid torrent file (bad bencoding or no info dictionary)")
     check_info_paths(raw[b"info"], source)
@@ -179,6 +208,9 @@ def check_info_paths(info: dict, source: str) -> None:
             if k == b"":
                 if isinstance(v, dict):
                     check_entry(v, prefix)
+                    if v.get(b"length") == 0 and b"pieces root" in v:  # BEP 52: an empty file has no root
+                        raise TorrentError(source, f"not a valid torrent file: {'/'.join(prefix)!r} is empty "
+                                                   "but has a pieces root")
                 continue
             parts = prefix + [text(k)]
             check_components(parts, source)

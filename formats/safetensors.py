@@ -18,9 +18,12 @@ from weightswarm.core.errors import FormatError
 from weightswarm.core.hashing import new_hasher
 from weightswarm.formats.dtypes import ITEMSIZE, nbytes
 from weightswarm.formats.splitfile import open_logical
-from weightswarm.formats.tensorref import TensorRef
+from weightswarm.formats.tensorref import MAX_DIMS, TensorRef
 
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+# Python holds a parsed header in ~10x its bytes: before parsing, bound what the JSON can build. A checkpoint
+# file has a few thousand tensors at most (Mixtral 8x22B: 563 in its largest shard).
+MAX_TENSORS = 1 << 17
 ALIGN = 8  # the header is padded with spaces so the data starts on a multiple of 8
 
 # name -> (dtype code, shape, begin, end): byte range relative to the start of the data section
@@ -62,6 +65,8 @@ def parse_header(path: Path, raw: bytes, data_len: int) -> HeaderEntries:
         raise FormatError(path, "header is not valid UTF-8") from None
     if not text.startswith("{"):
         raise FormatError(path, "header does not start with '{'")
+    if text.count("{") > MAX_TENSORS + 2 or text.count(",") > 16 * MAX_TENSORS:
+        raise FormatError(path, f"header declares more than {MAX_TENSORS} tensors or values; no checkpoint has")
     try:
         header = json.loads(text, object_pairs_hook=lambda pairs: _no_duplicates(path, pairs))
     except json.JSONDecodeError as e:
@@ -108,6 +113,8 @@ def _is_int(v) -> bool:
 
 
 def _entry(path: Path, name: str, entry) -> tuple[str, list[int], list[int]]:
+    if not name.isprintable():  # a name ends up in file names, manifests and error lines
+        raise FormatError(path, f"tensor name {name!r:.80} contains control characters")
     if not isinstance(entry, dict):
         raise FormatError(path, f"{name}: entry is not an object")
     for key in ("dtype", "shape", "data_offsets"):
@@ -116,9 +123,11 @@ def _entry(path: Path, name: str, entry) -> tuple[str, list[int], list[int]]:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise FormatError(path, f"{name}: unknown dtype {dtype!r:.40}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise FormatError(path, f"{name}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are allowed")
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 1 << 63 for d in shape):
         raise FormatError(path, f"{name}: shape must be a list of non-negative integers, got {shape!r:.80}")
-    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o < 1 << 63 for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise FormatError(path, f"{name}: data_offsets must be [begin, end] with 0 <= begin <= end, "
                                 f"got {offsets!r:.80}")

@@ -15,6 +15,7 @@ from weightswarm.formats.splitfile import SplitReader, split_parts
 
 # Files whose tensors have byte ranges: torch.save zips (formats.torchzip) and safetensors (formats.safetensors).
 WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors")
+MAX_DIMS = 64  # torch allows 64; more is an attack on the arithmetic (sizes are products of the dims)
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,10 @@ from weightswarm.core.errors import FormatError, VerificationError, WeightswarmE
 from weightswarm.core.hashing import CHUNK
 from weightswarm.formats.dtypes import CODE_OF_NAME, ITEMSIZE
 from weightswarm.formats.splitfile import open_logical
-from weightswarm.formats.tensorref import TensorRef
+from weightswarm.formats.tensorref import MAX_DIMS, TensorRef
 
 # data.pkl of Mixtral 8x7B is ~100 kB, of 8x22B ~200 kB; the central directories are of the same order.
 MAX_METADATA = 16 << 20
-MAX_DIMS = 64
 
 # The legacy typed storage classes torch.save names in a tensor's persistent id.
 _STORAGES = {"BFloat16Storage": "BF16", "HalfStorage": "F16", "FloatStorage": "F32", "DoubleStorage": "F64",
@@ -56,6 +55,9 @@ class _Bounded:
         return self.f.read(n)
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.f.tell(), io.SEEK_END: self.size}[whence]
+        if base + offset < 0:  # offsets a lying end record computes; the OS would answer EINVAL, no file named
+            raise ValueError(f"an offset {-(base + offset)} bytes before the start of the file")
         return self.f.seek(offset, whence)
 
     def tell(self) -> int:
@@ -84,6 +86,8 @@ class Archive:
             if m.compress_type != zipfile.ZIP_STORED or m.flag_bits & 1:
                 raise FormatError(path, f"member {m.filename} is compressed or encrypted; torch.save stores "
                                         "every member as is")
+            if not 0 <= m.header_offset < self.size:  # zipfile shifts offsets by where it found the directory
+                raise FormatError(path, f"member {m.filename}: its local header would lie outside the file")
             start = self._local_data_start(m)
             if m.header_offset < end:
                 raise FormatError(path, f"member {m.filename} overlaps the member before it")
@@ -149,7 +153,7 @@ class _TensorMeta(NamedTuple):
 
 def _ints(v, n: int | None = None) -> bool:
     return (isinstance(v, tuple) and len(v) <= MAX_DIMS and (n is None or len(v) == n)
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v))
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 63 for x in v))
 
 
 # The pure-Python unpickler: the C one grows its memo to whatever index a pickle names (a 10-byte pickle
@@ -166,7 +170,7 @@ class _Unpickler(pickle._Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict  # the empty backward_hooks argument
+            return self._ordered_dict
         if module == "torch._utils":
             allowed = {"_rebuild_tensor": self._rebuild_v1, "_rebuild_tensor_v2": self._rebuild_v2,
                        "_rebuild_tensor_v3": self._rebuild_v3, "_rebuild_parameter": self._rebuild_parameter}
@@ -183,8 +187,39 @@ class _Unpickler(pickle._Unpickler):
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _ints(pid[4:])):
-            raise self.refuse(f"persistent id {pid!r:.200}")
+            # not its repr: a tuple nested through the memo has a repr of 2**depth parts
+            raise self.refuse(f"a persistent id that is no storage ({type(pid).__name__})")
         return _Storage(pid[2], pid[1].code, pid[4])
+
+    # A state dict's keys are names. Anything else as a key must be hashed, and a tuple nested through the
+    # memo (a few bytes per level) takes 2**depth steps to hash, in C, where no signal can stop it.
+    def _keys(self, keys) -> None:
+        if not all(isinstance(k, str) for k in keys):
+            raise self.refuse("a dictionary key that is not a name")
+
+    def _ordered_dict(self, *args):
+        if args:  # torch calls it empty (the state dict, backward hooks); items come through SETITEMS
+            raise self.refuse("collections.OrderedDict with arguments")
+        return collections.OrderedDict()
+
+    def load_setitem(self):
+        self._keys([self.stack[-2]])
+        pickle._Unpickler.load_setitem(self)
+
+    def load_setitems(self):
+        self._keys(self.stack[0::2])  # the items since the mark
+        pickle._Unpickler.load_setitems(self)
+
+    def load_dict(self):
+        self._keys(self.stack[0::2])
+        pickle._Unpickler.load_dict(self)
+
+    def load_set(self):
+        raise self.refuse("a set")
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch |= {pickle.SETITEM[0]: load_setitem, pickle.SETITEMS[0]: load_setitems, pickle.DICT[0]: load_dict,
+                 pickle.EMPTY_SET[0]: load_set, pickle.ADDITEMS[0]: load_set, pickle.FROZENSET[0]: load_set}
 
     def _tensor(self, storage, offset, size, stride, code: str | None) -> _TensorMeta:
         if not isinstance(storage, _Storage) or not _ints((offset,)) or not _ints(size) or not _ints(stride, len(size)):
@@ -216,7 +251,7 @@ def _unpickle(path: Path, data: bytes):
     except FormatError:
         raise
     except Exception as e:  # whatever a malformed pickle raises is bad input, one line
-        first = str(e).splitlines()[0] if str(e) else ""
+        first = str(e).splitlines()[0] if str(e) else "it ends too early" if isinstance(e, EOFError) else "no detail"
         raise FormatError(path, f"data.pkl is not a valid pickle: {type(e).__name__}: {first:.200}") from None
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from weightswarm.core.errors import one_line
+
 SPACE = "\u2581"  # SentencePiece's visible space
 
 
@@ -45,5 +47,4 @@ class Tokenizer:
 
 def printable(text: str) -> str:
     """Generated text on one line, quoted: control characters escaped, the rest (and its \\xNN escapes) as is."""
-    controls = {c: f"\\x{c:02x}" for c in range(32)} | {10: "\\n", 9: "\\t", 13: "\\r", 127: "\\x7f"}
-    return '"' + text.translate(controls) + '"'
+    return '"' + one_line(text) + '"'

@@ -34,28 +34,27 @@ class Run:
     returncode: int  # negative: killed by that signal
     stdout: str
     stderr: str
-    maxrss_mb: float  # the child's own peak RSS (wait4), not its children's
 
 
 def run_measured(argv: list[str], timeout: float, cwd=None, env=None) -> Run:
-    """Run argv to its end and reap it with wait4 for its peak RSS. A run past ``timeout`` is killed with its
-    whole process group and reported as a hang."""
+    """Run argv to its end; a run past ``timeout`` is killed with its whole process group and reported as a
+    hang. (Its peak RSS is measured inside, see _high_water_mb: wait4's would include the parent's.)"""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         p = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=cwd,
                              env=env, start_new_session=True)
         reaped: list = []
-        waiter = threading.Thread(target=lambda: reaped.append(os.wait4(p.pid, 0)), daemon=True)
+        waiter = threading.Thread(target=lambda: reaped.append(os.waitpid(p.pid, 0)), daemon=True)
         waiter.start()
         waiter.join(timeout)
         if waiter.is_alive():
             os.killpg(p.pid, signal.SIGKILL)
             waiter.join()
-        _, status, usage = reaped[0]
+        _, status = reaped[0]
         p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
         out.seek(0)
         err.seek(0)
         run = Run([str(a) for a in argv], p.returncode, out.read().decode(errors="replace"),
-                  err.read().decode(errors="replace"), usage.ru_maxrss / 1024)
+                  err.read().decode(errors="replace"))
     if waiter.is_alive() or (p.returncode == -signal.SIGKILL and not run.stderr):
         raise AssertionError(f"hang: {run.argv} ran past {timeout} s; stderr: {run.stderr[-2000:]}")
     return run
@@ -198,7 +197,19 @@ def torrent_field_cases(label: str, data: bytes) -> list[tuple[str, bytes]]:
         with_top(f"url-list{n}", lambda t, v=v: t.__setitem__(b"url-list", v))
     for n, v in enumerate([[[b"127.0.0.1", 1]], [[b"::1", 70000]], 5, [b"x"]]):
         with_top(f"nodes{n}", lambda t, v=v: t.__setitem__(b"nodes", v))
-    return [(f"{label}-{name}", lt.bencode(t)) for name, t in cases]
+    return [(f"{label}-{name}", bencode(t)) for name, t in cases]
+
+
+def bencode(v) -> bytes:
+    """Bencoding of any int (libtorrent's stops at 64 bits, and a lie need not)."""
+    if isinstance(v, int):
+        return b"i%de" % v
+    if isinstance(v, (bytes, str)):
+        b = v.encode() if isinstance(v, str) else v
+        return b"%d:" % len(b) + b
+    if isinstance(v, list):
+        return b"l" + b"".join(bencode(x) for x in v) + b"e"
+    return b"d" + b"".join(bencode(k) + bencode(x) for k, x in sorted(v.items())) + b"e"
 
 
 def _copy(v):
@@ -524,3 +535,73 @@ def write_cases(folder: Path, cases: list[tuple[str, bytes]], suffix: str = "") 
         path.write_bytes(data)
         out[name] = path
     return out
+
+
+# --- many cases in one process -------------------------------------------------------------------------
+
+class Alarm(BaseException):
+    """A case ran past its time, or printed what it was waited for (a BaseException: the CLI's catch-all
+    must not swallow it)."""
+
+
+def _high_water_mb() -> float:
+    """This process's peak RSS. Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a
+    child of the (torch-sized) pytest process starts at pytest's peak; VmHWM starts afresh at exec."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def batch(cases_file: Path) -> None:
+    """Run every ``{"name", "argv", "seconds", "until"}`` of cases_file through the weightswarm CLI in this
+    process (a process start per case would cost the corpus minutes) and print one JSON line per case: its
+    exit status, output, ``stopped`` ("reached": it printed ``until``, a command that serves until stopped;
+    "timeout": it ran past ``seconds``) and this process's peak RSS so far (MB, never lower after a case)."""
+    import time
+
+    from click.testing import CliRunner
+
+    from weightswarm.cli.main import main
+
+    watch: dict = {}
+
+    def tick(signum, frame):
+        if not watch["armed"]:
+            return
+        if watch["until"] and watch["until"].encode() in watch["out"].getvalue():
+            watch["armed"] = False
+            raise Alarm("reached")
+        if time.monotonic() > watch["deadline"]:
+            watch["armed"] = False
+            raise Alarm("timeout")
+
+    signal.signal(signal.SIGALRM, tick)
+    for case in json.loads(cases_file.read_text()):
+        stopped, code, escaped = None, None, ""
+        with CliRunner().isolation() as (out, err, _):
+            start = time.monotonic()
+            watch.update(out=out, until=case.get("until"), deadline=start + case["seconds"], armed=True)
+            signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+            try:
+                main.main(case["argv"], prog_name="weightswarm")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except Alarm as e:
+                stopped = str(e)
+            except BaseException as e:
+                escaped = f"\nTraceback (escaped the CLI): {type(e).__name__}: {e}"
+            finally:
+                watch["armed"] = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            stdout, stderr = out.getvalue().decode(errors="replace"), err.getvalue().decode(errors="replace")
+        peak = _high_water_mb()
+        print(json.dumps({"name": case["name"], "argv": case["argv"], "code": code, "stopped": stopped,
+                          "stdout": stdout[-2000:], "stderr": stderr[-4000:] + escaped, "peak_mb": peak,
+                          "seconds": round(time.monotonic() - start, 3)}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    batch(Path(sys.argv[1]))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from weightswarm.core.errors import WeightswarmError
+from weightswarm.core.errors import WeightswarmError, one_line
 from weightswarm.core.inputs import os_problem
 from weightswarm.core.interrupt import Stop, install_stop_signals
 from weightswarm.core.units import parse_bytes, parse_limit
@@ -58,9 +58,9 @@ def _fail(ctx: click.Context, verbose: bool, subject, problem: str, hint: str | 
     if verbose:
         traceback.print_exc()
     _json_error(ctx, {"exit_code": code, "subject": str(subject), "problem": problem, "hint": hint})
-    click.echo(f"Error: {subject}: {problem}", err=True)
+    click.echo(f"Error: {one_line(str(subject))}: {one_line(problem)}", err=True)
     if hint:
-        click.echo(f"Hint: {hint}", err=True)
+        click.echo(f"Hint: {one_line(hint)}", err=True)
     sys.exit(code)
 
 
