@@ -353,6 +353,8 @@ class Fetcher:
             return self.torrent is not None
         elif isinstance(a, lt.hash_failed_alert):
             self.emit({"event": "hash_failed", "piece": int(a.piece_index)})
+        elif isinstance(a, lt.peer_ban_alert):  # libtorrent's smart ban: it sent data that failed its hash
+            self.emit({"event": "peer_banned", "peer": f"{a.endpoint[0]}:{a.endpoint[1]}"})
         return False
 
     def _connect(self) -> None:
