@@ -13,6 +13,7 @@ import libtorrent as lt
 
 from weightswarm import __version__
 from weightswarm.core.errors import InputError, OptionError
+from weightswarm.core.inputs import os_problem
 
 Event = Callable[[dict], None]  # receives one JSON-able event dict of a running command
 
@@ -91,8 +92,10 @@ def raise_on_error(alert, path: str | os.PathLike) -> None:
     """Torrent and file errors end a command: the data or the disk needs a person (exit 2, naming the file)."""
     if isinstance(alert, lt.file_error_alert):
         e = alert.error
-        full = e.value() in (errno.ENOSPC, errno.EDQUOT) and e.category().name() in ("system", "generic")
-        raise InputError(alert.filename() or path, f"cannot {lt_operation(alert)}: {e.message().lower()}",
+        system = e.category().name() in ("system", "generic")
+        full = system and e.value() in (errno.ENOSPC, errno.EDQUOT)
+        problem = os_problem(OSError(e.value(), e.message())) if system else e.message().lower()
+        raise InputError(alert.filename() or path, f"cannot {lt_operation(alert)}: {problem}",
                          hint="free some space, then run the same command again: it continues" if full else None)
     if isinstance(alert, lt.torrent_error_alert):
         raise InputError(path, f"torrent error: {alert.error.message()}")
