@@ -62,9 +62,9 @@ class Demo:
         return self.stages
 
     def stage(self, name: str, fn: Callable[[], tuple[int, str]]) -> bool:
-        self.show(f"== {name}")
         t0 = time.monotonic()
-        try:
+        try:  # the heading too: a Ctrl-C right after it is still this stage's
+            self.show(f"== {name}")
             nbytes, detail = fn()
             ok, code = True, 0
         except InputError:
