@@ -462,8 +462,18 @@ class Daemon:
         self._spawn(self._write_resume(m, lt.write_resume_data_buf(params), files))
 
     async def _write_resume(self, m: Managed, resume: bytes, files: list) -> None:
+        def write() -> bool:
+            # Decided in the I/O thread, which runs remove() and drop_resume() in order: this task may have
+            # been spawned before the torrent was removed or taken out of service, and must not bring the
+            # file back after them.
+            if m.removed or m.recheck_requested:
+                return False
+            self.state.save_resume(m.entry.id, resume, files)
+            return True
+
         try:
-            await self._in_io(self.state.save_resume, m.entry.id, resume, files)
+            if not await self._in_io(write):
+                return
         except Exception as e:
             self.counters["resume_failures"] += 1
             log.error("writing resume data of %s: %s", m.entry.id, e)
