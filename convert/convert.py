@@ -20,11 +20,12 @@ from pathlib import Path
 from weightswarm.core.atomic import atomic_write_bytes, fsync_dir
 from weightswarm.core.errors import OptionError
 from weightswarm.core.hashing import hash_file
-from weightswarm.core.paths import check_output_dir
+from weightswarm.core.paths import check_output_dir, walk_files
 from weightswarm.formats.dtypes import FLOAT_NAMES, cast
 from weightswarm.formats.layouts import CanonTensor, Layout, open_layout
 from weightswarm.formats.manifest import FORMAT, NAME, VERSION, manifest_bytes
-from weightswarm.formats.perexpert import GRANULARITIES, output_file
+from weightswarm.formats.partial import Partial
+from weightswarm.formats.perexpert import GRANULARITIES, check_experts, expert_of_tensor, output_file
 from weightswarm.formats.safetensors import write_safetensors
 
 WORK = ".convert"  # the work folder inside OUT: a rerun finishes or cleans it; afterwards it keeps job.json
@@ -34,6 +35,7 @@ WORK = ".convert"  # the work folder inside OUT: a rerun finishes or cleans it; 
 class ConvertOptions:
     granularity: str = "expert"  # one file per expert, or per layer and expert
     dtype: str | None = None  # bfloat16 | float16 | float32; None keeps the source's
+    experts: tuple[int, ...] | None = None  # the dense tensors and these experts' only; None: all
 
     def check(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -41,11 +43,19 @@ class ConvertOptions:
         if self.dtype is not None and self.dtype not in FLOAT_NAMES:
             raise OptionError("--dtype", self.dtype, f"choose from {', '.join(FLOAT_NAMES)}")
 
+    def chosen(self, layout: Layout) -> list[CanonTensor]:
+        """The layout's tensors this conversion writes, in canonical order."""
+        if self.experts is None:
+            return list(layout.tensors.values())
+        moe = layout.params.moe
+        check_experts(self.experts, list(range(moe.num_experts)) if moe else [])
+        return [t for t in layout.tensors.values() if (le := expert_of_tensor(t.name)) is None or le[1] in self.experts]
+
 
 def plan_files(layout: Layout, opts: ConvertOptions) -> dict[str, list[CanonTensor]]:
     """Output file -> its tensors in canonical order; files sorted (dense first, then experts)."""
     files: dict[str, list[CanonTensor]] = {}
-    for t in layout.tensors.values():
+    for t in opts.chosen(layout):
         files.setdefault(output_file(t.name, opts.granularity), []).append(t)
     return dict(sorted(files.items()))
 
@@ -55,15 +65,17 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     """Convert SRC into OUT; returns the manifest (also written to OUT/manifest.json).
     ``progress(bytes_read, total_bytes)`` is called after each tensor."""
     opts.check()
-    layout = open_layout(src)
+    # Some experts only: their tensors are located one by one, so a source fetched with --experts (whose
+    # other members are holes) converts too.
+    layout = open_layout(src) if opts.experts is None else open_layout(src, disk_partial(Path(src)))
     out = Path(out)
-    job = {"source": _fingerprint(layout), "options": asdict(opts)}
+    job = job_of(layout, opts)
     done = _finished(out, job)
     if done is not None:
         return done
-    work = _prepare(out, job)
+    work = prepare(out, job)
     files = plan_files(layout, opts)
-    total, read = sum(t.nbytes for t in layout.tensors.values()), 0
+    total, read = sum(t.nbytes for ts in files.values() for t in ts), 0
 
     def advance(n: int) -> None:
         nonlocal read
@@ -71,7 +83,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         if progress:
             progress(read, total)
 
-    results = {rel: _convert_file(work, rel, tensors, opts, advance) for rel, tensors in files.items()}
+    results = {rel: _convert_file(work, rel, [layout.located(t.name) for t in tensors], opts, advance)
+               for rel, tensors in files.items()}
+    return finish(out, work, layout, opts, files, results)
+
+
+def finish(out: Path, work: Path, layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
+           results: dict[str, dict]) -> dict:
+    """Once every output file is done in the work folder: the small files, the moves into place, the
+    manifest last."""
     copied = _copy_small_files(layout, work / "files")
     manifest = _manifest(layout, opts, files, results, copied, work / "files")
     for rel in [*results, *copied]:
@@ -98,7 +118,17 @@ def _finished(out: Path, job: dict) -> dict | None:
     return manifest if same and intact else None
 
 
-def _prepare(out: Path, job: dict) -> Path:
+def job_of(layout: Layout, opts: ConvertOptions, mtimes: bool = True) -> dict:
+    return {"source": _fingerprint(layout, mtimes), "options": asdict(opts)}
+
+
+def disk_partial(root: Path) -> Partial:
+    """A folder on disk as a Partial whose bytes are all there: tensors are then located one by one."""
+    sizes = {rel: path.stat().st_size for rel, path in walk_files(root)}
+    return Partial(root, sizes, lambda rel, lo, hi: True)
+
+
+def prepare(out: Path, job: dict) -> Path:
     """The work folder, after checking OUT; a leftover from an interrupted run of the same job is reused."""
     check_output_dir(out, empty=False)
     work = out / WORK
@@ -115,10 +145,11 @@ def _prepare(out: Path, job: dict) -> Path:
     return work
 
 
-def _fingerprint(layout: Layout) -> dict:
-    """Enough to tell a rerun of the same job from another: layout, files, sizes, modification times."""
-    return {"layout": layout.kind, "root": str(layout.root.resolve()),
-            "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in layout.files]}
+def _fingerprint(layout: Layout, mtimes: bool) -> dict:
+    """Enough to tell a rerun of the same job from another: layout, files, sizes, modification times (not
+    of a download in progress, whose files change as they fill)."""
+    files = [[p.name, layout.size(p)] + ([p.stat().st_mtime_ns] if mtimes else []) for p in layout.files]
+    return {"layout": layout.kind, "root": str(layout.root.resolve()), "files": files}
 
 
 def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
@@ -160,6 +191,8 @@ def _copy_small_files(layout: Layout, out: Path) -> list[str]:
 
 def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
               results: dict[str, dict], copied: list[str], out: Path) -> dict:
+    """With --experts the source may be a partial download: its files are listed by size (the tensors'
+    blake3 are the provenance), and the manifest names the experts it holds."""
     entries = [{"path": rel, "size": r["size"], "blake3": r["blake3"]} for rel, r in results.items()]
     entries += [{"path": rel, "size": (out / rel).stat().st_size, "blake3": hash_file(out / rel, "blake3")}
                 for rel in copied]
@@ -169,13 +202,17 @@ def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonT
                for rel, ts in files.items() for t in ts]
     order = {name: i for i, name in enumerate(layout.tensors)}
     tensors.sort(key=lambda e: order[e["name"]])
-    return {
+    sources = [{"path": p.relative_to(layout.root).as_posix(), "size": layout.size(p)} for p in layout.files]
+    if opts.experts is None:
+        sources = [e | {"blake3": hash_file(p, "blake3")} for e, p in zip(sources, layout.files, strict=True)]
+    manifest = {
         "format": FORMAT,
         "version": VERSION,
         "params": layout.params.to_dict(),
-        "source": {"layout": layout.kind,
-                   "files": [{"path": p.relative_to(layout.root).as_posix(), "size": p.stat().st_size,
-                              "blake3": hash_file(p, "blake3")} for p in layout.files]},
+        "source": {"layout": layout.kind, "files": sources},
         "files": sorted(entries, key=lambda e: e["path"]),
         "tensors": tensors,
     }
+    if opts.experts is not None:
+        manifest["experts"] = list(opts.experts)
+    return manifest

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from weightswarm.core.errors import FormatError
@@ -27,9 +27,10 @@ from weightswarm.formats.hf import (
     reorder_rows,
 )
 from weightswarm.formats.params import ModelArgs
+from weightswarm.formats.partial import Partial
 from weightswarm.formats.splitfile import split_parts
-from weightswarm.formats.tensorref import TensorRef
-from weightswarm.formats.torchzip import torch_zip_refs
+from weightswarm.formats.tensorref import Extent, TensorRef
+from weightswarm.formats.torchzip import locate, torch_zip_refs
 
 KINDS = ("consolidated-pth", "consolidated-safetensors", "hf", "hf-stacked", "per-expert")
 HINT = ("expected one of: consolidated.00.pth (or its -splitN parts) + params.json; consolidated.safetensors "
@@ -70,7 +71,7 @@ class CanonTensor:
     name: str  # canonical Mistral name
     dtype: str  # safetensors code of the stored tensor
     shape: tuple[int, ...]  # canonical shape
-    ref: TensorRef  # the stored bytes it is made from
+    ref: TensorRef | Extent  # the stored bytes it is made from (an Extent in a partial layout, until located)
     transform: RowOrder | Transpose | None = None  # None: the stored bytes are the canonical tensor as is
 
     @property
@@ -91,35 +92,51 @@ class Layout:
     files: list[Path]  # source weight files; split parts themselves (in part order) when split
     tensors: dict[str, CanonTensor]  # in ModelArgs.tensor_shapes() order
     tokenizer: Path | None
+    partial: Partial | None = None  # set when the files are only partly there: refs are Extents
+
+    def size(self, path: Path) -> int:
+        return self.partial.size(path) if self.partial else path.stat().st_size
+
+    def located(self, name: str) -> CanonTensor:
+        """The tensor with its exact byte range (in a partial layout, its bytes must be there)."""
+        t = self.tensors[name]
+        return t if isinstance(t.ref, TensorRef) else replace(t, ref=locate(t.ref, self.partial))
 
 
-def open_layout(src: str | os.PathLike) -> Layout:
-    """Detect and validate the checkpoint in folder src (no tensor bytes are read). Raises FormatError."""
+def open_layout(src: str | os.PathLike, partial: Partial | None = None) -> Layout:
+    """Detect and validate the checkpoint in folder src (no tensor bytes are read). Raises FormatError.
+
+    With ``partial`` (a download in progress, see formats.partial), the small files (params.json,
+    config.json, the index) must be there; of the weight files only headers and archive metadata are
+    read (Absent until they are there), and every tensor is an Extent (``Layout.located``). The per-expert
+    layout and the stacked upload are opened whole even then (they are selected by file, or not at all)."""
     root = Path(src)
-    if not root.is_dir():
+    if partial is None and not root.is_dir():
         raise FormatError(root, "not a folder" if root.exists() else "no such folder",
                           hint="give the folder that holds the checkpoint")
+    is_file = partial.is_file if partial else Path.is_file
     tokenizer = root / "tokenizer.model"
-    tokenizer = tokenizer if tokenizer.is_file() else None
+    tokenizer = tokenizer if is_file(tokenizer) else None
     # HF repos may carry consolidated files too; without params.json beside them, the HF files win.
-    hf = (root / "config.json").is_file() and ((root / "model.safetensors.index.json").is_file()
-                                               or (root / "model.safetensors").is_file())
-    consolidated_ok = (root / "params.json").is_file() or not hf
-    if (root / "dense.safetensors").is_file():
+    hf = is_file(root / "config.json") and (is_file(root / "model.safetensors.index.json")
+                                            or is_file(root / "model.safetensors"))
+    consolidated_ok = is_file(root / "params.json") or not hf
+    if is_file(root / "dense.safetensors"):  # selected by file, never partial: opened whole
         return _open_per_expert(root, tokenizer)
     pth = root / "consolidated.00.pth"
-    parts = [] if pth.is_file() else split_parts(pth)
-    if (pth.is_file() or parts) and consolidated_ok:
+    parts = [] if is_file(pth) else [root / r for r, _ in partial.parts(pth)] if partial else split_parts(pth)
+    if (is_file(pth) or parts) and consolidated_ok:
         args = _params(root / "params.json")
-        tensors = _canonical(args, torch_zip_refs(pth), "params.json implies", pth)
-        return Layout("consolidated-pth", root, args, parts or [pth], tensors, tokenizer)
+        tensors = _canonical(args, torch_zip_refs(pth, partial), "params.json implies", pth)
+        return Layout("consolidated-pth", root, args, parts or [pth], tensors, tokenizer, partial)
     st = root / "consolidated.safetensors"
-    if st.is_file() and consolidated_ok:
+    if is_file(st) and consolidated_ok:
         args = _params(root / "params.json")
-        tensors = _canonical(args, safetensors.refs(st), "params.json implies", st)
-        return Layout("consolidated-safetensors", root, args, [st], tensors, tokenizer)
+        tensors = _canonical(args, safetensors.refs(st, partial), "params.json implies", st)
+        return Layout("consolidated-safetensors", root, args, [st], tensors, tokenizer, partial)
     if hf:
-        return _open_hf(root, tokenizer)
+        return _open_hf(root, tokenizer, partial)
+    # The stacked upload keeps eight experts in one member: it is opened whole, never partial.
     stacked = sorted(p for p in root.iterdir() if _STACKED_FILE.match(p.name) and p.is_file())
     if stacked:
         return _open_stacked(root, stacked, tokenizer)
@@ -142,7 +159,7 @@ def _params(path: Path) -> ModelArgs:
     return ModelArgs.load(path)
 
 
-def _open_hf(root: Path, tokenizer: Path | None) -> Layout:
+def _open_hf(root: Path, tokenizer: Path | None, partial: Partial | None) -> Layout:
     args = params_from_hf_config(read_json(root / "config.json"), root / "config.json")
     index = root / "model.safetensors.index.json"
     if index.is_file():
@@ -154,12 +171,12 @@ def _open_hf(root: Path, tokenizer: Path | None) -> Layout:
         for shard in sorted(set(wmap.values())):
             if "/" in shard or "\\" in shard or shard.startswith(".") or "\0" in shard:  # the index is untrusted
                 raise FormatError(index, f"shard name {shard!r:.80} is not a plain file name")
-            if not (root / shard).is_file():
+            if not (partial.is_file(root / shard) if partial else (root / shard).is_file()):
                 raise FormatError(root / shard, f"listed in {index.name} but missing")
             files.append(root / shard)
     else:
         wmap, files = None, [root / "model.safetensors"]
-    refs = _merge(files, safetensors.refs)
+    refs = _merge(files, lambda p: safetensors.refs(p, partial))
     if wmap is not None:
         for name, shard in wmap.items():
             if name not in refs or refs[name].path.name != shard:
@@ -175,7 +192,7 @@ def _open_hf(root: Path, tokenizer: Path | None) -> Layout:
     tensors = _canonical(args, refs, "config.json implies", index if wmap is not None else files[0],
                          rename=hf_to_mistral, display=mistral_to_hf, transforms=transforms,
                          skip=lambda n: n.endswith("rotary_emb.inv_freq"))
-    return Layout("hf", root, args, files, tensors, tokenizer)
+    return Layout("hf", root, args, files, tensors, tokenizer, partial)
 
 
 def _open_stacked(root: Path, files: list[Path], tokenizer: Path | None) -> Layout:

@@ -17,8 +17,9 @@ from weightswarm.core.atomic import atomic_open
 from weightswarm.core.errors import FormatError
 from weightswarm.core.hashing import new_hasher
 from weightswarm.formats.dtypes import ITEMSIZE, nbytes
+from weightswarm.formats.partial import Partial
 from weightswarm.formats.splitfile import open_logical
-from weightswarm.formats.tensorref import MAX_DIMS, TensorRef
+from weightswarm.formats.tensorref import MAX_DIMS, Extent, TensorRef
 
 MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
 # Python holds a parsed header in ~10x its bytes: before parsing, bound what the JSON can build. A checkpoint
@@ -30,13 +31,14 @@ ALIGN = 8  # the header is padded with spaces so the data starts on a multiple o
 HeaderEntries = dict[str, tuple[str, tuple[int, ...], int, int]]
 
 
-def read_header(path: str | os.PathLike) -> tuple[HeaderEntries, int]:
+def read_header(path: str | os.PathLike, partial: Partial | None = None) -> tuple[HeaderEntries, int]:
     """The validated header of a .safetensors file (or its split parts) in header order, without
     __metadata__, and the absolute offset of its data section. Raises FormatError("<tensor>: <problem>"):
     bounded header, UTF-8 JSON object, known dtypes, sizes that match shapes, and data offsets that tile
-    the data section exactly (no gap, no overlap, no trailing bytes)."""
+    the data section exactly (no gap, no overlap, no trailing bytes). With ``partial``, Absent until the
+    header is there."""
     path = Path(path)
-    with open_logical(path.parent, path.name) as f:
+    with (partial.open(path) if partial else open_logical(path.parent, path.name)) as f:
         size = f.seek(0, io.SEEK_END)
         if size < 8:
             raise FormatError(path, f"file is {size} bytes, too small for a safetensors header")
@@ -50,10 +52,14 @@ def read_header(path: str | os.PathLike) -> tuple[HeaderEntries, int]:
     return parse_header(path, raw, size - 8 - n), 8 + n
 
 
-def refs(path: str | os.PathLike) -> dict[str, TensorRef]:
-    """Every tensor of a .safetensors file (or its split parts) as a byte range, header checked."""
+def refs(path: str | os.PathLike, partial: Partial | None = None) -> dict[str, TensorRef | Extent]:
+    """Every tensor of a .safetensors file (or its split parts) as a byte range, header checked; with
+    ``partial``, as Extents (read_header's Absent until the header is there)."""
     path = Path(path)
-    entries, start = read_header(path)
+    entries, start = read_header(path, partial)
+    if partial:
+        return {name: Extent(name, dtype, shape, path, start + begin, start + end)
+                for name, (dtype, shape, begin, end) in entries.items()}
     return {name: TensorRef(name, dtype, shape, path, start + begin, end - begin)
             for name, (dtype, shape, begin, end) in entries.items()}
 

@@ -33,15 +33,21 @@ def split_parts(path: str | os.PathLike) -> list[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    parts: dict[int, Path] = {}
-    for entry in sorted(path.parent.iterdir()):
-        m = _PART.match(entry.name)
-        if not m or m["base"] != path.name or not entry.is_file():
+    names = [e.name for e in sorted(path.parent.iterdir()) if _PART.match(e.name) and e.is_file()]
+    return [path.parent / n for n in part_names(path, names)]
+
+
+def part_names(path: Path, names: list[str]) -> list[str]:
+    """Of the file names in path's folder, the parts of path in numeric order (FormatError for a gap)."""
+    parts: dict[int, str] = {}
+    for name in sorted(names):
+        m = _PART.match(name)
+        if not m or m["base"] != path.name:
             continue
         n = int(m["n"])
         if n in parts:  # e.g. "-split1" and "-split01"
-            raise FormatError(entry, f"split part number {n} also used by {parts[n].name}")
-        parts[n] = entry
+            raise FormatError(path.parent / name, f"split part number {n} also used by {parts[n]}")
+        parts[n] = name
     for i in range(len(parts)):
         if i not in parts:
             raise FormatError(path, f"missing split part {path.name}-split{i}")

@@ -65,3 +65,20 @@ class TensorRef:
             raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
                                          f"{self.offset}, got {got}")
         return buf
+
+
+@dataclass(frozen=True)
+class Extent:
+    """The bytes [lo, hi) of the logical file ``path`` that hold a tensor, known before they are there: all
+    a partial download must have to read it. ``member`` names the torch zip member whose local header opens
+    the extent (the tensor then lies ``skip`` bytes into the member's data); None when the tensor is
+    exactly [lo, hi) (safetensors)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    lo: int
+    hi: int
+    member: str | None = None
+    skip: int = 0

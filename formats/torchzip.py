@@ -25,9 +25,10 @@ from typing import BinaryIO, NamedTuple
 
 from weightswarm.core.errors import FormatError, VerificationError, WeightswarmError
 from weightswarm.core.hashing import CHUNK
-from weightswarm.formats.dtypes import CODE_OF_NAME, ITEMSIZE
+from weightswarm.formats.dtypes import CODE_OF_NAME, ITEMSIZE, nbytes
+from weightswarm.formats.partial import Partial
 from weightswarm.formats.splitfile import open_logical
-from weightswarm.formats.tensorref import MAX_DIMS, TensorRef
+from weightswarm.formats.tensorref import MAX_DIMS, Extent, TensorRef
 
 # data.pkl of Mixtral 8x7B is ~100 kB, of 8x22B ~200 kB; the central directories are of the same order.
 MAX_METADATA = 16 << 20
@@ -65,7 +66,11 @@ class _Bounded:
 
 
 class Archive:
-    """An opened torch zip: its members, checked against the file, and a reader for their bytes."""
+    """An opened torch zip: its members, checked against the file, and a reader for their bytes.
+
+    The central directory alone bounds every member (from its local header to the next member's); where
+    its bytes begin is read from its local header when asked (``data_start``), so a partial download can
+    map its tensors before their bytes are there."""
 
     def __init__(self, path: Path, f: BinaryIO):
         self.path = path
@@ -77,26 +82,34 @@ class Archive:
         except (zipfile.BadZipFile, EOFError, ValueError, OverflowError, struct.error) as e:
             raise FormatError(path, f"not a valid zip archive (torch.save format): {e}") from None
         self.members = {m.filename: m for m in self.zf.infolist()}
-        self.data_start: dict[str, int] = {}
-        end = 0
-        for m in sorted(self.members.values(), key=lambda m: m.header_offset):
+        self.bound: dict[str, int] = {}  # where the next member (or the central directory) begins
+        self._start: dict[str, int] = {}
+        ordered = sorted(self.members.values(), key=lambda m: m.header_offset)
+        for i, m in enumerate(ordered):
             if m.compress_type != zipfile.ZIP_STORED or m.flag_bits & 1:
                 raise FormatError(path, f"member {m.filename} is compressed or encrypted; torch.save stores "
                                         "every member as is")
             if not 0 <= m.header_offset < self.size:  # zipfile shifts offsets by where it found the directory
                 raise FormatError(path, f"member {m.filename}: its local header would lie outside the file")
-            start = self._local_data_start(m)
-            if m.header_offset < end:
-                raise FormatError(path, f"member {m.filename} overlaps the member before it")
-            end = start + m.compress_size
-            if m.file_size != m.compress_size or end > self.size:
-                raise FormatError(path, f"member {m.filename} declares {m.file_size} bytes at byte {start}, "
-                                        f"past the end of the {self.size}-byte file")
-            self.data_start[m.filename] = start
+            nxt = ordered[i + 1].header_offset if i + 1 < len(ordered) else min(self.zf.start_dir, self.size)
+            least = m.header_offset + 30 + len(m.filename.encode()) + m.compress_size
+            if m.file_size != m.compress_size or least > self.size:
+                raise FormatError(path, f"member {m.filename} declares {m.file_size} bytes at byte "
+                                        f"{m.header_offset}, past the end of the {self.size}-byte file")
+            if least > nxt:
+                other = ordered[i + 1].filename if i + 1 < len(ordered) else "the central directory"
+                raise FormatError(path, f"member {m.filename} overlaps {other} after it")
+            self.bound[m.filename] = nxt
 
-    def _local_data_start(self, m: zipfile.ZipInfo) -> int:
+    def span(self, m: zipfile.ZipInfo) -> tuple[int, int]:
+        """The bytes that hold member m: its local header, name, padding and data."""
+        return m.header_offset, self.bound[m.filename]
+
+    def data_start(self, m: zipfile.ZipInfo) -> int:
         """Where a stored member's bytes begin: after its LOCAL header, whose extra field (torch pads it
         to align data to 64 bytes) differs from the central directory's."""
+        if m.filename in self._start:
+            return self._start[m.filename]
         self.f.seek(m.header_offset)
         head = self.f.read(30)
         if len(head) < 30 or head[:4] != b"PK\x03\x04":
@@ -104,7 +117,11 @@ class Archive:
         name_len, extra_len = struct.unpack("<HH", head[26:30])
         if self.f.read(name_len) != m.filename.encode():
             raise FormatError(self.path, f"member {m.filename}: local header names another file")
-        return m.header_offset + 30 + name_len + extra_len
+        start = m.header_offset + 30 + name_len + extra_len
+        if start + m.compress_size > self.bound[m.filename]:
+            raise FormatError(self.path, f"member {m.filename}: its data runs into the member after it")
+        self._start[m.filename] = start
+        return start
 
     def read_member(self, m: zipfile.ZipInfo, limit: int = MAX_METADATA) -> bytes:
         """A small member's bytes, its CRC checked."""
@@ -252,31 +269,41 @@ def _unpickle(path: Path, data: bytes):
         raise FormatError(path, f"data.pkl is not a valid pickle: {type(e).__name__}: {first:.200}") from None
 
 
-def torch_zip_refs(path: str | os.PathLike) -> dict[str, TensorRef]:
+def torch_zip_refs(path: str | os.PathLike, partial: Partial | None = None) -> dict[str, TensorRef | Extent]:
     """Every tensor of a torch.save zip (real file or split parts) as a byte range, after checking the
-    archive against the rules in the module docstring. Raises FormatError naming the tensor."""
+    archive against the rules in the module docstring. Raises FormatError naming the tensor.
+
+    With ``partial`` (a download in progress), only the archive's metadata is read (Absent until it is
+    there), and each tensor comes as the Extent of its member: ``locate`` makes it a TensorRef once there."""
     path = Path(path)
-    with open_logical(path.parent, path.name) as f:
+    with _open(path, partial) as f:
         a = Archive(path, f)
         pkls = [n for n in a.members if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pkls) != 1:
             raise FormatError(path, f"expected one <archive>/data.pkl member, found {len(pkls)}")
         prefix = pkls[0].removesuffix("data.pkl")  # "consolidated.00/", "archive/", ...
         order = a.members.get(prefix + "byteorder")
-        if order is not None and a.read_member(order) != b"little":
+        if order is not None and _read_member(a, order, partial) != b"little":
             raise FormatError(path, "tensors are stored big-endian; only little-endian checkpoints are supported")
-        obj = _unpickle(path, a.read_member(a.members[pkls[0]]))
+        obj = _unpickle(path, _read_member(a, a.members[pkls[0]], partial))
         if not isinstance(obj, dict):
             raise FormatError(path, f"top-level object is a {type(obj).__name__}, expected a dict of tensors")
         refs = {}
         for name, meta in obj.items():
             if not isinstance(name, str) or not isinstance(meta, _TensorMeta):
                 raise FormatError(path, f"{name!r:.100}: expected a str key and a tensor, got {type(meta).__name__}")
-            refs[name] = _ref(a, prefix, name, meta)
+            ext = _extent(a, prefix, name, meta)
+            refs[name] = ext if partial else _located(a, ext)
     return refs
 
 
-def _ref(a: Archive, prefix: str, name: str, meta: _TensorMeta) -> TensorRef:
+def _read_member(a: Archive, m: zipfile.ZipInfo, partial: Partial | None) -> bytes:
+    if partial:  # the whole member at once: one round of fetching, not one per header field
+        partial.need(a.path, *a.span(m))
+    return a.read_member(m)
+
+
+def _extent(a: Archive, prefix: str, name: str, meta: _TensorMeta) -> Extent:
     st = meta.storage
     m = a.members.get(f"{prefix}data/{st.key}")
     if m is None:
@@ -295,32 +322,65 @@ def _ref(a: Archive, prefix: str, name: str, meta: _TensorMeta) -> TensorRef:
     if (meta.offset + numel) * item > storage_bytes:
         raise FormatError(a.path, f"{name}: {meta.code} {list(meta.shape)} at element {meta.offset} "
                                   f"runs past its {storage_bytes}-byte storage")
-    return TensorRef(name, meta.code, meta.shape, a.path, a.data_start[m.filename] + meta.offset * item,
-                     numel * item)
+    return Extent(name, meta.code, meta.shape, a.path, *a.span(m), member=m.filename, skip=meta.offset * item)
 
 
-def check_crcs(path: str | os.PathLike, workers: int = 2) -> None:
-    """Read every member to its end so its CRC-32 is checked: VerificationError naming the first bad one.
+def _located(a: Archive, ext: Extent) -> TensorRef:
+    start = a.data_start(a.members[ext.member])
+    return TensorRef(ext.name, ext.dtype, ext.shape, ext.path, start + ext.skip, nbytes(ext.dtype, ext.shape))
+
+
+def locate(ext: Extent, partial: Partial | None = None) -> TensorRef:
+    """The exact byte range of an Extent's tensor, reading (and checking) only its member's local header."""
+    if ext.member is None:
+        return TensorRef(ext.name, ext.dtype, ext.shape, ext.path, ext.lo, ext.hi - ext.lo)
+    if partial:
+        partial.need(ext.path, ext.lo, ext.hi)
+    with _open(ext.path, partial) as f:
+        f.seek(0, io.SEEK_END)
+        size = f.tell()
+        head = _Bounded(f, size, ext.path)
+        head.seek(ext.lo)
+        raw = head.read(30)
+        name = ext.member.encode()
+        if len(raw) < 30 or raw[:4] != b"PK\x03\x04" or head.read(len(name)) != name:
+            raise FormatError(ext.path, f"member {ext.member}: bad local header at byte {ext.lo}")
+        start = ext.lo + 30 + len(name) + struct.unpack("<H", raw[28:30])[0]
+    n = nbytes(ext.dtype, ext.shape)
+    if start + ext.skip + n > ext.hi:
+        raise FormatError(ext.path, f"member {ext.member}: its data runs into the member after it")
+    return TensorRef(ext.name, ext.dtype, ext.shape, ext.path, start + ext.skip, n)
+
+
+def check_crcs(path: str | os.PathLike, workers: int = 2, members: set[str] | None = None,
+               partial: Partial | None = None) -> None:
+    """Read every member (or the named ones) to its end so its CRC-32 is checked: VerificationError naming
+    the first bad one. With ``partial``, the named members' bytes must be there.
 
     Members are spread over ``workers`` threads, each with its own file handle: zlib.crc32 and file
     reads release the GIL, so two cores share even a single 93 GB checkpoint."""
     path = Path(path)
-    with open_logical(path.parent, path.name) as f:
-        members = list(Archive(path, f).members.values())
+    with _open(path, partial) as f:
+        chosen = [m for m in Archive(path, f).members.values() if members is None or m.filename in members]
     bins: list[list[zipfile.ZipInfo]] = [[] for _ in range(max(1, workers))]
     loads = [0] * len(bins)
-    for m in sorted(members, key=lambda m: -m.file_size):  # biggest first balances the bins
+    for m in sorted(chosen, key=lambda m: -m.file_size):  # biggest first balances the bins
         i = loads.index(min(loads))
         bins[i].append(m)
         loads[i] += m.file_size
     with ThreadPoolExecutor(max_workers=len(bins)) as pool:
-        errors = [e for e in pool.map(lambda b: _first_bad_member(path, b), bins) if e]
+        errors = [e for e in pool.map(lambda b: _first_bad_member(path, b, partial), bins) if e]
     if errors:  # report the earliest bad member in the file, whichever thread found it
         raise min(errors, key=lambda e: e[0])[1]
 
 
-def _first_bad_member(path: Path, members: list[zipfile.ZipInfo]) -> tuple[int, WeightswarmError] | None:
-    with open_logical(path.parent, path.name) as f:
+def _open(path: Path, partial: Partial | None) -> BinaryIO:
+    return partial.open(path) if partial else open_logical(path.parent, path.name)
+
+
+def _first_bad_member(path: Path, members: list[zipfile.ZipInfo],
+                      partial: Partial | None) -> tuple[int, WeightswarmError] | None:
+    with _open(path, partial) as f:
         a = Archive(path, f)
         for m in sorted(members, key=lambda m: m.header_offset):  # sequential reads within a thread
             try:

@@ -1,0 +1,150 @@
+"""The tensor -> piece map of a release torrent in its original layout, and what a node serving some experts
+needs of it: the small files whole, the pieces the map was read from, and the pieces of the dense tensors
+and of its experts' tensors.
+
+A map is read from the torrent and from the bytes on disk known to be good: ``have(piece)`` says which
+(fetch: libtorrent hashed them on arrival; verify: hashed here, on demand). Until the headers and archive
+metadata it reads are there, ``map_release`` raises formats.partial.Absent; ``pieces_of`` turns its ranges
+into the pieces to fetch first. The map is checked like any input (formats.layouts, formats.torchzip).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from weightswarm.core.errors import FormatError, VerificationError
+from weightswarm.core.units import plural
+from weightswarm.formats.layouts import Layout, open_layout
+from weightswarm.formats.partial import Partial, Range
+from weightswarm.formats.perexpert import check_experts, expert_of_tensor
+from weightswarm.formats.splitfile import split_base
+from weightswarm.formats.tensorref import WEIGHT_SUFFIXES
+from weightswarm.formats.torchzip import check_crcs
+from weightswarm.verify.report import Finding
+
+if TYPE_CHECKING:  # verify needs no BitTorrent code at run time; distrib imports verify
+    from weightswarm.distrib.torrentfile import Torrent
+
+# The layouts whose tensors can be fetched one by one, by the files that mark them.
+_MARKS = ("consolidated.00.pth", "consolidated.safetensors", "model.safetensors.index.json", "model.safetensors")
+
+
+def is_weight_file(path: str) -> bool:
+    name = path.rpartition("/")[2]
+    return (split_base(name) or name).endswith(WEIGHT_SUFFIXES)
+
+
+def selectable(torrent: Torrent) -> bool:
+    """Whether the torrent holds a layout whose tensors map to byte ranges (consolidated or HF)."""
+    names = {split_base(f.path) or f.path for f in torrent.payload_files()}
+    return any(m in names for m in _MARKS)
+
+
+def small_files(torrent: Torrent) -> list[str]:
+    """The payload files that are not weights (params, tokenizer, RELEASE, configs): always fetched whole."""
+    return [f.path for f in torrent.payload_files() if not is_weight_file(f.path)]
+
+
+def pieces_of(torrent: Torrent, ranges: list[Range]) -> set[int]:
+    """The pieces that hold these byte ranges of payload files."""
+    by_path = {f.path: f for f in torrent.payload_files()}
+    plen = torrent.info.piece_length()
+    out: set[int] = set()
+    for rel, lo, hi in ranges:
+        f = by_path[rel]
+        if hi > lo:
+            out.update(range((f.offset + lo) // plen, (f.offset + hi - 1) // plen + 1))
+    return out
+
+
+def file_pieces(torrent: Torrent, paths: list[str]) -> set[int]:
+    by_path = {f.path: f for f in torrent.payload_files()}
+    return pieces_of(torrent, [(p, 0, by_path[p].size) for p in paths])
+
+
+@dataclass
+class PieceMap:
+    """A release's tensors as pieces, and the pieces its map was read from."""
+
+    torrent: Torrent
+    layout: Layout  # partial: every tensor an Extent
+    meta: set[int] = field(default_factory=set)
+    tensor_pieces: dict[str, set[int]] = field(default_factory=dict)
+
+    @property
+    def experts(self) -> list[int]:
+        moe = self.layout.params.moe
+        return list(range(moe.num_experts)) if moe else []
+
+    def tensors(self, experts: tuple[int, ...]) -> list[str]:
+        """The canonical tensors a node serving ``experts`` needs: the dense ones and those experts'."""
+        check_experts(experts, self.experts)
+        return [n for n in self.layout.tensors if (le := expert_of_tensor(n)) is None or le[1] in experts]
+
+    def wanted(self, experts: tuple[int, ...]) -> set[int]:
+        out = self.meta | file_pieces(self.torrent, small_files(self.torrent))
+        for name in self.tensors(experts):
+            out |= self.tensor_pieces[name]
+        return out
+
+    def files_of(self, names: list[str]) -> dict[str, list[str]]:
+        """Weight file (relative, logical) -> the named tensors in it."""
+        out: dict[str, list[str]] = {}
+        for name in names:
+            out.setdefault(self.layout.partial.rel(self.layout.tensors[name].ref.path), []).append(name)
+        return out
+
+
+def partial_of(root: Path, torrent: Torrent, have: Callable[[int], bool],
+               seen: set[int] | None = None) -> Partial:
+    """The release at root as a Partial whose present bytes are those of pieces ``have`` says are good;
+    every piece found present is added to ``seen``."""
+    def present(rel: str, lo: int, hi: int) -> bool:
+        pieces = pieces_of(torrent, [(rel, lo, hi)])
+        ok = all(have(p) for p in pieces)
+        if ok and seen is not None:
+            seen.update(pieces)
+        return ok
+
+    return Partial(root, {f.path: f.size for f in torrent.payload_files()}, present)
+
+
+def map_release(root: str | os.PathLike, torrent: Torrent, have: Callable[[int], bool]) -> PieceMap:
+    """The tensor -> piece map of the release at root (Absent until its metadata is there)."""
+    root = Path(root)
+    meta: set[int] = set()
+    layout = open_layout(root, partial_of(root, torrent, have, meta))
+    pm = PieceMap(torrent, layout, meta)
+    for name, t in layout.tensors.items():
+        pm.tensor_pieces[name] = pieces_of(torrent, layout.partial.ranges(t.ref.path, t.ref.lo, t.ref.hi))
+    return pm
+
+
+def check_selection(pm: PieceMap, names: list[str], experts: tuple[int, ...], workers: int = 2) -> list[Finding]:
+    """One "structure" Finding per weight file: the named tensors located (a torch zip member's local
+    header read and checked) and, for torch zips, their members' CRCs. Their bytes must be there."""
+    findings = []
+    which = f"the dense tensors and experts {','.join(map(str, experts))}"
+    for rel, tensors in pm.files_of(names).items():
+        path = pm.layout.root / rel
+        try:
+            members = set()
+            for name in tensors:
+                pm.layout.located(name)
+                if pm.layout.tensors[name].ref.member:
+                    members.add(pm.layout.tensors[name].ref.member)
+            if members:
+                check_crcs(path, workers, members, pm.layout.partial)
+        except FormatError as e:
+            findings.append(Finding("structure", rel, False, e.problem, refused=True))
+            continue
+        except VerificationError as e:
+            findings.append(Finding("structure", rel, False, e.problem))
+            continue
+        crcs = ", zip CRCs ok" if members else ""
+        findings.append(Finding("structure", rel, True, f"{plural(len(tensors), 'tensor')} of "
+                                f"{len(pm.layout.tensors)} here ({which}){crcs}"))
+    return findings
