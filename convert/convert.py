@@ -70,7 +70,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     layout = open_layout(src) if opts.experts is None else open_layout(src, disk_partial(Path(src)))
     out = Path(out)
     job = job_of(layout, opts)
-    done = _finished(out, job)
+    done = already_done(out, job)
     if done is not None:
         return done
     work = prepare(out, job)
@@ -106,7 +106,7 @@ def finish(out: Path, work: Path, layout: Layout, opts: ConvertOptions, files: d
     return manifest
 
 
-def _finished(out: Path, job: dict) -> dict | None:
+def already_done(out: Path, job: dict) -> dict | None:
     """The manifest of a finished conversion of the same job whose files are all still there, else None."""
     try:
         same = json.loads((out / WORK / "job.json").read_text()) == job
@@ -152,7 +152,8 @@ def _fingerprint(layout: Layout, mtimes: bool) -> dict:
     return {"layout": layout.kind, "root": str(layout.root.resolve()), "files": files}
 
 
-def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
+def done_file(work: Path, rel: str) -> dict | None:
+    """The result of an output file an earlier, interrupted run finished (None if it did not)."""
     done = work / "done" / (rel.replace("/", "__") + ".json")
     dest = work / "files" / rel
     moved = work.parent / rel  # an earlier run may have died while moving finished files into place
@@ -162,20 +163,43 @@ def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: Conver
     if done.is_file() and dest.is_file():
         result = json.loads(done.read_text())
         if result["size"] == dest.stat().st_size:
-            progress(sum(t.nbytes for t in tensors))
-            return result  # finished by an earlier, interrupted run
+            return result
+    return None
+
+
+def record_done(work: Path, rel: str, result: dict) -> None:
+    atomic_write_bytes(work / "done" / (rel.replace("/", "__") + ".json"), json.dumps(result).encode())
+
+
+def entries(tensors: list[CanonTensor], opts: ConvertOptions) -> list[tuple[str, str, tuple[int, ...]]]:
+    """An output file's safetensors entries: its tensors, in the dtype they are written in."""
     code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
-    plan = [(t.name, code or t.dtype, t.shape) for t in tensors]
+    return [(t.name, code or t.dtype, t.shape) for t in tensors]
+
+
+def tensor_bytes(t: CanonTensor, opts: ConvertOptions):
+    """A tensor's bytes as they are written: canonical, in the asked dtype."""
+    code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
+    data = t.read()
+    return data if not code or code == t.dtype else cast(data, t.dtype, code)
+
+
+def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
+    result = done_file(work, rel)
+    if result is not None:
+        progress(sum(t.nbytes for t in tensors))
+        return result
 
     def stream():
         for t in tensors:
-            data = t.read()
+            data = tensor_bytes(t, opts)
             progress(t.nbytes)
-            yield data if not code or code == t.dtype else cast(data, t.dtype, code)
+            yield data
 
+    dest = work / "files" / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    result = write_safetensors(dest, plan, stream())
-    atomic_write_bytes(done, json.dumps(result).encode())
+    result = write_safetensors(dest, entries(tensors, opts), stream())
+    record_done(work, rel, result)
     return result
 
 

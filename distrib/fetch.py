@@ -16,6 +16,8 @@ from pathlib import Path
 
 import libtorrent as lt
 
+from weightswarm.convert.convert import ConvertOptions
+from weightswarm.convert.stream import StreamConvert
 from weightswarm.core.atomic import atomic_write_bytes
 from weightswarm.core.errors import OptionError, SwarmError
 from weightswarm.core.interrupt import Stop
@@ -25,14 +27,25 @@ from weightswarm.core.units import parse_duration, plural
 from weightswarm.distrib.session import Event, SessionOptions, add_peers, make_session, raise_on_error, state_dir
 from weightswarm.distrib.source import Source
 from weightswarm.distrib.torrentfile import Torrent, check_info_paths, parse_torrent
+from weightswarm.formats.partial import Absent
 from weightswarm.formats.perexpert import check_experts, expert_of_file
 from weightswarm.formats.perexpert import select_files as expert_files
 from weightswarm.verify.folder import verify_folder
 from weightswarm.verify.report import Finding, Report
+from weightswarm.verify.tensorpieces import (
+    PieceMap,
+    check_selection,
+    file_pieces,
+    is_weight_file,
+    map_release,
+    pieces_of,
+    selectable,
+    small_files,
+)
 
 _FETCH_ALERTS = (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
                  | lt.alert_category.tracker | lt.alert_category.connect | lt.alert_category.peer
-                 | lt.alert_category.dht)
+                 | lt.alert_category.dht | lt.alert_category.piece_progress)
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,9 @@ class SeedAfter:
 class FetchOptions:
     output: Path
     only: tuple[str, ...] = ()
-    experts: tuple[int, ...] | None = None  # a per-expert layout's dense files and these experts' files
+    # The dense part and these experts: a per-expert layout's files, or an original layout's tensors.
+    experts: tuple[int, ...] | None = None
+    convert: Path | None = None  # convert into this folder while downloading (convert.stream)
     peers: tuple[tuple[str, int], ...] = ()
     web_seeds: tuple[str, ...] = ()
     session: SessionOptions = field(default_factory=SessionOptions)
@@ -85,9 +100,15 @@ def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bo
         report = None
         if verify:
             published = [(p, "md5", d) for p, d in source.release.md5] if source.release else []
-            report = verify_folder(result.root, published=published, only=set(result.selected) if
-                                   (opts.only or opts.experts is not None) else None)
+            by_tensor = fetcher.by_tensor
+            # By tensor, weight files are partial: their sums cannot match, their structure is checked
+            # tensor by tensor below.
+            report = verify_folder(result.root, published=published, structure=by_tensor is None,
+                                   only=set(result.selected) if (opts.only or opts.experts is not None
+                                                                 or by_tensor) else None)
             report.findings[:0] = result.pieces
+            if by_tensor:
+                report.extend(by_tensor.check())
         try:
             if report is not None:
                 emit({"event": "verify", "report": report.to_json()})
@@ -98,17 +119,37 @@ def fetch_and_verify(source: Source, opts: FetchOptions, emit: Event, verify: bo
     return report
 
 
-def select_files(torrent: Torrent, only: tuple[str, ...], experts: tuple[int, ...] | None = None) -> list[str]:
+def selects_tensors(torrent: Torrent, experts: tuple[int, ...] | None, convert: Path | None = None,
+                    only: tuple[str, ...] = ()) -> bool:
+    """Whether a fetch picks tensors rather than files: --convert, or --experts on an original layout."""
+    per_expert = any(expert_of_file(f.path) is not None for f in torrent.payload_files())
+    if convert is None and (experts is None or per_expert):
+        return False
+    option, value = ("--convert", str(convert)) if convert else ("--experts", ",".join(map(str, experts)))
+    if per_expert:
+        raise OptionError(option, value, f"{torrent.name} is already in the per-expert layout",
+                          hint="fetch it with --experts alone")
+    if not selectable(torrent):
+        raise OptionError(option, value, f"{torrent.name} has no consolidated.00.pth, consolidated.safetensors or "
+                          "model*.safetensors shards whose tensors can be fetched one by one",
+                          hint="fetch the release whole, then `weightswarm convert` it")
+    if only:
+        raise OptionError("--only", " ".join(only), f"cannot be combined with {option} on this release: "
+                          "the tensors it needs decide which bytes are fetched")
+    return True
+
+
+def select_files(torrent: Torrent, only: tuple[str, ...], experts: tuple[int, ...] | None = None,
+                 convert: Path | None = None) -> list[str]:
     """Payload paths matching any GLOB (on the path inside the torrent or on the file name) and, with
-    ``experts``, the per-expert layout's files a node serving them needs; all files if neither is given."""
+    ``experts``, the per-expert layout's files a node serving them needs; all files if neither is given.
+    When the fetch picks tensors (selects_tensors), the files fetched whole: all but the weight files."""
     paths = [f.path for f in torrent.payload_files()]
     chosen = paths
+    if selects_tensors(torrent, experts, convert, only):
+        return small_files(torrent)
     if experts is not None:
         have = sorted({e for p in paths if (e := expert_of_file(p)) is not None})
-        if not have:
-            raise OptionError("--experts", ",".join(map(str, experts)),
-                              f"{torrent.name} is not in the per-expert layout (no experts/expert-EE.safetensors)",
-                              hint="fetch the release whole, then `weightswarm convert` it")
         check_experts(experts, have)
         chosen = expert_files(paths, experts)
     if only:
@@ -188,11 +229,15 @@ class Fetcher:
         self.source, self.opts, self.emit = source, opts, emit
         self.state = Path(state_dir(opts.output))
         self.torrent: Torrent | None = source.torrent
-        self.selected: list[str] = select_files(self.torrent, opts.only, opts.experts) if self.torrent else []
+        self.selected: list[str] = (select_files(self.torrent, opts.only, opts.experts, opts.convert)
+                                    if self.torrent else [])
         self.ses: lt.session | None = None
         self.handle: lt.torrent_handle | None = None
         self.swarm = Swarm(opts.session.dht)
         self._done_at_start = 0
+        self.by_tensor: ByTensor | None = None
+        if self.torrent and selects_tensors(self.torrent, opts.experts, opts.convert, opts.only):
+            self.by_tensor = ByTensor(self)
 
     def __enter__(self) -> Fetcher:
         check_output_dir(self.opts.output, empty=False)
@@ -209,6 +254,8 @@ class Fetcher:
         # after a refused input, whose run could carry that state.
         if exc_type is None or issubclass(exc_type, (Stop, KeyboardInterrupt, SwarmError)):
             self._save_resume()
+        if self.by_tensor:
+            self.by_tensor.close()
         self.ses.pause()
         self._lock.close()
 
@@ -229,12 +276,17 @@ class Fetcher:
             self.swarm.note_peers(h)
             if st.num_peers == 0 and self.opts.peers:
                 self._connect()
+            if self.by_tensor:
+                self.by_tensor.step(h)
             if self.opts.session.dht and now - last_dht >= 5:
                 last_dht = now
                 ses.post_dht_stats()
             if st.total_wanted_done > best:
                 best, last_change = st.total_wanted_done, now
             finished |= bool(self.torrent) and st.is_finished and st.state in _DONE_STATES
+            # Picking tensors, the small files complete long before the tensors are even chosen, and a status
+            # taken just after they were may not show it yet: the pieces themselves say.
+            finished = finished and (self.by_tensor is None or self.by_tensor.complete(h))
             if now - last_emit >= 0.5 or finished:
                 last_emit = now
                 self.emit(self._progress(st))
@@ -245,6 +297,8 @@ class Fetcher:
                                  f"{self.swarm.describe(tried)}",
                                  hint="run the same command again to continue; add peers with --peer HOST:PORT")
         self._flush()
+        if self.by_tensor:
+            self.by_tensor.finish()
         self.swarm.note_peers(h)
         self.emit(self._finished(h.status(), time.monotonic() - start))
         return FetchResult(self.torrent.root(self.opts.output), self.selected, self._piece_findings())
@@ -269,6 +323,8 @@ class Fetcher:
                 ok = done[f.index] == f.size
                 out.append(Finding("pieces", f.path, ok, "every piece passed its hash check on arrival" if ok
                                    else f"incomplete: {done[f.index]} of {f.size} bytes"))
+        if self.by_tensor:
+            out += self.by_tensor.piece_findings(self.handle)
         return out
 
     def seed(self) -> None:
@@ -299,13 +355,15 @@ class Fetcher:
             resume.unlink()
         if not self.torrent and meta.exists():
             self.torrent = parse_torrent(meta.read_bytes(), meta)
-            self.selected = select_files(self.torrent, self.opts.only, self.opts.experts)
+            self.selected = select_files(self.torrent, self.opts.only, self.opts.experts, self.opts.convert)
+            if selects_tensors(self.torrent, self.opts.experts, self.opts.convert, self.opts.only):
+                self.by_tensor = ByTensor(self)
         if self.torrent:
             atp.ti = self.torrent.info
             atp.file_priorities = self._priorities()
             # The resume data's piece priorities are the last run's selection and would override this
             # run's file priorities: a partial fetch could never be widened.
-            atp.piece_priorities = []
+            atp.piece_priorities = self.by_tensor.first_priorities() if self.by_tensor else []
             atp.flags &= ~lt.torrent_flags.upload_mode
         else:
             # Download nothing until the metadata has been checked for unsafe paths.
@@ -317,18 +375,26 @@ class Fetcher:
         return atp
 
     def _priorities(self) -> list[int]:
+        """Per file. Picking tensors, weight files get 1: a file of priority 0 has its pieces written to
+        the part file, where the tensor map and the converter would not find them; the pieces decide."""
         wanted = set(self.selected)
-        return [4 if (not f.pad and f.path in wanted) else 0 for f in self.torrent.files()]
+        low = 1 if self.by_tensor else 0
+        return [0 if f.pad else 4 if f.path in wanted else low if is_weight_file(f.path) else 0
+                for f in self.torrent.files()]
 
     def _on_metadata_received(self) -> None:
         info = self.handle.torrent_file().info_section()
         check_info_paths(lt.bdecode(info), self.source.text)
         data = lt.bencode({b"info": lt.bdecode(info)})
         torrent = parse_torrent(data, self.source.text)
-        self.selected = select_files(torrent, self.opts.only, self.opts.experts)
+        self.selected = select_files(torrent, self.opts.only, self.opts.experts, self.opts.convert)
         self.torrent = torrent  # only now: a refused torrent must leave no state behind
+        if selects_tensors(torrent, self.opts.experts, self.opts.convert, self.opts.only):
+            self.by_tensor = ByTensor(self)
         atomic_write_bytes(self.state / f"{self.source.key}.torrent", data)
         self.handle.prioritize_files(self._priorities())
+        if self.by_tensor:
+            self.handle.prioritize_pieces(self.by_tensor.first_priorities())
         self.handle.unset_flags(lt.torrent_flags.upload_mode)
         self._announce_metadata()
 
@@ -350,7 +416,9 @@ class Fetcher:
             self.emit({"event": "checked", "have_bytes": st.total_wanted_done, "wanted_bytes": st.total_wanted})
             self._connect()
         elif isinstance(a, lt.torrent_finished_alert):
-            return self.torrent is not None
+            return self.torrent is not None and (self.by_tensor is None or self.by_tensor.mapped)
+        elif isinstance(a, lt.piece_finished_alert) and self.by_tensor:
+            self.by_tensor.on_piece(int(a.piece_index))
         elif isinstance(a, lt.hash_failed_alert):
             self.emit({"event": "hash_failed", "piece": int(a.piece_index)})
         elif isinstance(a, lt.peer_ban_alert):  # libtorrent's smart ban: it sent data that failed its hash
@@ -401,3 +469,103 @@ class Fetcher:
 
 
 _DONE_STATES = (lt.torrent_status.finished, lt.torrent_status.seeding)
+
+
+class ByTensor:
+    """A fetch that picks tensors: the small files whole, then the pieces the tensor map is read from
+    (at the top priority, with deadlines), then the pieces of the chosen tensors; with --convert, each
+    tensor is converted as soon as its last piece passes its hash."""
+
+    def __init__(self, fetcher: Fetcher):
+        self.opts, self.emit, self.torrent = fetcher.opts, fetcher.emit, fetcher.torrent
+        self.root = self.torrent.root(self.opts.output)
+        self.small = file_pieces(self.torrent, small_files(self.torrent))
+        self.pm: PieceMap | None = None
+        self.experts: tuple[int, ...] = ()
+        self.names: list[str] = []
+        self.wanted: set[int] = set()
+        self.asked: set[int] = set()
+        self.sink: StreamConvert | None = None
+        self.waiting: dict[int, list[str]] = {}  # piece -> tensors to convert once it is here
+        self.left: dict[str, set[int]] = {}
+
+    @property
+    def mapped(self) -> bool:
+        return self.pm is not None
+
+    def complete(self, h: lt.torrent_handle) -> bool:
+        if self.pm is None:
+            return False
+        have = h.status(lt.status_flags_t.query_pieces).pieces
+        return all(have[p] for p in self.wanted)
+
+    def first_priorities(self) -> list[int]:
+        return [4 if i in self.small else 0 for i in range(self.torrent.info.num_pieces())]
+
+    def step(self, h: lt.torrent_handle) -> None:
+        """Until the map is read: ask for what it needs next; then choose the tensors' pieces."""
+        if self.pm is not None or not all(h.have_piece(p) for p in self.small):
+            return
+        try:
+            pm = map_release(self.root, self.torrent, h.have_piece)
+        except Absent as e:
+            for p in sorted(pieces_of(self.torrent, e.ranges) - self.asked):
+                h.piece_priority(p, 7)
+                h.set_piece_deadline(p, 0)
+                self.asked.add(p)
+            return
+        self.experts = self.opts.experts if self.opts.experts is not None else tuple(pm.experts)
+        self.names = pm.tensors(self.experts)
+        self.wanted = pm.wanted(self.experts)
+        h.prioritize_pieces([4 if i in self.wanted else 0 for i in range(self.torrent.info.num_pieces())])
+        plen, total = self.torrent.info.piece_length(), self.torrent.info.total_size()
+        self.emit({"event": "tensor_map", "tensors": len(self.names), "of": len(pm.layout.tensors),
+                   "experts": list(self.experts), "layout": pm.layout.kind,
+                   "wanted_size": sum(min(plen, total - p * plen) for p in self.wanted), "total_size": total})
+        self.pm = pm
+        if self.opts.convert is not None:
+            self.sink = StreamConvert(pm.layout, self.opts.convert, ConvertOptions(experts=self.opts.experts))
+            for name in self.sink.names:
+                self.left[name] = {p for p in pm.tensor_pieces[name] if not h.have_piece(p)}
+                for p in self.left[name]:
+                    self.waiting.setdefault(p, []).append(name)
+                if not self.left[name]:
+                    self.sink.submit(name)
+
+    def on_piece(self, piece: int) -> None:
+        for name in self.waiting.pop(piece, []):
+            self.left[name].discard(piece)
+            if not self.left[name]:
+                self.sink.submit(name)
+
+    def finish(self) -> None:
+        if self.sink:
+            manifest = self.sink.finish()
+            self.emit({"event": "converted", "output": str(self.opts.convert), "files": len(manifest["files"]),
+                       "tensors": len(manifest["tensors"]), "experts": list(self.experts)})
+
+    def close(self) -> None:
+        if self.sink:
+            self.sink.close()
+
+    def piece_findings(self, h: lt.torrent_handle) -> list[Finding]:
+        """Per weight file: its wanted pieces, all passed their hash on arrival (the rest are holes)."""
+        out = []
+        for f in self.torrent.payload_files():
+            if not is_weight_file(f.path):
+                continue
+            mine = file_pieces(self.torrent, [f.path]) & self.wanted
+            have = sum(1 for p in mine if h.have_piece(p))
+            ok = have == len(mine)
+            out.append(Finding("pieces", f.path, ok, f"{have} of {len(mine)} wanted pieces here (of "
+                               f"{len(file_pieces(self.torrent, [f.path]))}), each passed its hash on arrival"
+                               if ok else f"incomplete: {have} of {len(mine)} wanted pieces"))
+        return out
+
+    def check(self) -> list[Finding]:
+        """The structure of what is here: the chosen tensors located and their members' CRCs."""
+        pm = self.pm
+        ckpt = ", ".join(sorted(pm.files_of(list(pm.layout.tensors))))
+        findings = [Finding("params", "params.json" if pm.layout.kind != "hf" else "config.json", True,
+                            f"{len(pm.layout.tensors)} tensors match {ckpt}'s metadata")]
+        return findings + check_selection(pm, self.names, self.experts)

@@ -129,6 +129,12 @@ def describe(e: dict) -> str:
     if kind == "metadata":
         return (f"{e['name']}: {plural(e['files'], 'file')}, {human(e['total_size'])}; "
                 f"fetching {plural(len(e['selected']), 'file')}, {human(e['selected_size'])}")
+    if kind == "tensor_map":
+        return (f"tensor map of {e['layout']}: {e['tensors']} of {e['of']} tensors (the dense ones and experts "
+                f"{','.join(map(str, e['experts'])) or 'none'}): fetching {human(e['wanted_size'])} of "
+                f"{human(e['total_size'])}")
+    if kind == "converted":
+        return f"converted into {e['output']}: {plural(e['files'], 'file')}, {plural(e['tensors'], 'tensor')}"
     if kind == "checked":
         return f"already on disk and verified: {human(e['have_bytes'])} of {human(e['wanted_bytes'])}"
     if kind in ("progress", "seeding"):

@@ -133,7 +133,10 @@ def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_
               help="Folder; files land in OUTPUT/<torrent name>/.")
 @click.option("--only", multiple=True, metavar="GLOB", help="Fetch only matching files (repeatable).")
 @click.option("--experts", metavar="LIST",
-              help="Per-expert layout: the dense files and these experts only (0,3 or 0-3).")
+              help="Only the dense part and these experts (0,3 or 0-3): a per-expert layout's files, or the tensors "
+                   "of a consolidated or HF release (its weight files are then sparse).")
+@click.option("--convert", "convert_to", type=PATH, metavar="PATH",
+              help="Convert to the per-expert layout in PATH while downloading (with --experts: those only).")
 @click.option("--peer", multiple=True, metavar="HOST:PORT", help="Connect to this peer (repeatable).")
 @click.option("--web-seed", multiple=True, metavar="URL", help="Add a BEP 19 web seed (repeatable).")
 @listen_options
@@ -146,7 +149,7 @@ def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @click.pass_context
 @handle_errors
-def fetch(ctx, source: str, output: Path, only, experts, peer, web_seed, listen: str, no_dht: bool,
+def fetch(ctx, source: str, output: Path, only, experts, convert_to, peer, web_seed, listen: str, no_dht: bool,
           max_download_rate, max_upload_rate, seed_after, timeout: str, no_verify: bool, as_json: bool) -> None:
     """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
     from weightswarm.core.units import parse_duration
@@ -156,6 +159,7 @@ def fetch(ctx, source: str, output: Path, only, experts, peer, web_seed, listen:
 
     events(ctx)
     opts = FetchOptions(output=output, only=tuple(only), experts=parse_experts(experts) if experts else None,
+                        convert=convert_to,
                         peers=tuple(parse_endpoint(p, "--peer") for p in peer), web_seeds=tuple(web_seed),
                         timeout=parse_duration(timeout, "--timeout"),
                         session=session_options(listen, no_dht, up=max_upload_rate, down=max_download_rate),

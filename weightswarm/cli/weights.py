@@ -24,14 +24,17 @@ DTYPES = list(FLOAT_NAMES)
 @click.option("--granularity", type=click.Choice(GRANULARITIES), default="expert", show_default=True,
               help="One file per expert, or per layer and expert.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="[default: the source's]")
+@click.option("--experts", metavar="LIST", help="Only the dense tensors and these experts (0,3 or 0-3) [default: all].")
 @handle_errors
-def convert(src: Path, output: Path, granularity: str, dtype: str | None) -> None:
+def convert(src: Path, output: Path, granularity: str, dtype: str | None, experts: str | None) -> None:
     """Restructure a checkpoint (any supported layout) into per-expert safetensors files plus a manifest."""
     from weightswarm.convert.convert import ConvertOptions
     from weightswarm.convert.convert import convert as run_convert
+    from weightswarm.formats.perexpert import parse_experts
 
     rep = Reporter()
-    manifest = run_convert(src, output, ConvertOptions(granularity=granularity, dtype=dtype), rep.tracker("converting"))
+    opts = ConvertOptions(granularity=granularity, dtype=dtype, experts=parse_experts(experts) if experts else None)
+    manifest = run_convert(src, output, opts, rep.tracker("converting"))
     rep.close()
     click.echo(f"wrote {output}: {plural(len(manifest['files']), 'file')}, "
                f"{plural(len(manifest['tensors']), 'tensor')} from a {manifest['source']['layout']} checkpoint; "
