@@ -38,6 +38,7 @@ from weightswarm.verify.tensorpieces import (
     file_pieces,
     is_weight_file,
     map_release,
+    payload_bytes,
     pieces_of,
     selectable,
     small_files,
@@ -243,6 +244,11 @@ class Fetcher:
         check_output_dir(self.opts.output, empty=False)
         self.ses = make_session(self.opts.session)  # a bad --listen fails before anything is written
         self.ses.apply_settings({"alert_mask": int(_FETCH_ALERTS)})
+        if self.opts.experts is not None or self.opts.convert is not None:
+            # Picking tensors, the torrent is "finished" between rounds of the map (the small files are in,
+            # the next metadata not asked for yet): libtorrent would drop its seeds then, and redial them
+            # only after min_reconnect_time.
+            self.ses.apply_settings({"close_redundant_connections": False})
         self.opts.output.mkdir(exist_ok=True)
         self.state.mkdir(exist_ok=True)
         self._lock = lock_exclusive(self.state / f"{self.source.key}.lock", self.opts.output,
@@ -298,7 +304,7 @@ class Fetcher:
                                  hint="run the same command again to continue; add peers with --peer HOST:PORT")
         self._flush()
         if self.by_tensor:
-            self.by_tensor.finish()
+            self.by_tensor.finish(h)
         self.swarm.note_peers(h)
         self.emit(self._finished(h.status(), time.monotonic() - start))
         return FetchResult(self.torrent.root(self.opts.output), self.selected, self._piece_findings())
@@ -306,13 +312,15 @@ class Fetcher:
     def _finished(self, st, seconds: float) -> dict:
         """The byte counts of this run, which add up: payload = new file bytes + block padding + redundant +
         failed; protocol overhead comes on top."""
-        new = max(0, st.total_wanted_done - self._done_at_start)
+        # Picking tensors, what was wanted at the check was the small files only.
+        had = self.by_tensor.already_had if self.by_tensor else self._done_at_start
+        new = max(0, st.total_wanted_done - had)
         redundant, failed = st.total_redundant_bytes, st.total_failed_bytes
         padding = max(0, st.total_payload_download - new - redundant - failed)
         return {"event": "finished", "seconds": round(seconds, 3), "downloaded": st.total_payload_download,
                 "new": new, "padding": padding, "redundant": redundant, "failed": failed,
                 "protocol": max(0, st.total_download - st.total_payload_download),
-                "already_had": self._done_at_start, "wanted": st.total_wanted,
+                "already_had": had, "wanted": st.total_wanted,
                 "sources": dict(sorted(self.swarm.sources.items()))}
 
     def _piece_findings(self) -> list[Finding]:
@@ -414,11 +422,15 @@ class Fetcher:
             st = self.handle.status()
             self._done_at_start = st.total_wanted_done
             self.emit({"event": "checked", "have_bytes": st.total_wanted_done, "wanted_bytes": st.total_wanted})
+            if self.by_tensor:
+                self.by_tensor.on_checked(self.handle)
             self._connect()
         elif isinstance(a, lt.torrent_finished_alert):
             return self.torrent is not None and (self.by_tensor is None or self.by_tensor.mapped)
         elif isinstance(a, lt.piece_finished_alert) and self.by_tensor:
             self.by_tensor.on_piece(int(a.piece_index))
+        elif isinstance(a, lt.cache_flushed_alert) and self.by_tensor:
+            self.by_tensor.on_flushed()
         elif isinstance(a, lt.hash_failed_alert):
             self.emit({"event": "hash_failed", "piece": int(a.piece_index)})
         elif isinstance(a, lt.peer_ban_alert):  # libtorrent's smart ban: it sent data that failed its hash
@@ -474,7 +486,12 @@ _DONE_STATES = (lt.torrent_status.finished, lt.torrent_status.seeding)
 class ByTensor:
     """A fetch that picks tensors: the small files whole, then the pieces the tensor map is read from
     (at the top priority, with deadlines), then the pieces of the chosen tensors; with --convert, each
-    tensor is converted as soon as its last piece passes its hash."""
+    tensor is converted as soon as its last piece is on disk.
+
+    A piece libtorrent has hashed may still wait in its store buffer, not yet in the file: a piece counts
+    as on disk only once a cache flush asked for after it arrived has completed."""
+
+    FLUSH_EVERY = 0.5  # s, while converting: how far the converter may lag behind the download
 
     def __init__(self, fetcher: Fetcher):
         self.opts, self.emit, self.torrent = fetcher.opts, fetcher.emit, fetcher.torrent
@@ -485,8 +502,15 @@ class ByTensor:
         self.names: list[str] = []
         self.wanted: set[int] = set()
         self.asked: set[int] = set()
+        self.checked = False
+        self.had: set[int] = set()  # on disk when this run began
+        self.already_had = 0  # of the wanted bytes
+        self.ondisk: set[int] = set()
+        self.arrived: set[int] = set()  # hashed, not known to be on disk yet
+        self.flushing: set[int] | None = None  # the pieces a flush in flight will put on disk
+        self.last_flush = 0.0
         self.sink: StreamConvert | None = None
-        self.waiting: dict[int, list[str]] = {}  # piece -> tensors to convert once it is here
+        self.waiting: dict[int, list[str]] = {}  # piece -> tensors to convert once it is on disk
         self.left: dict[str, set[int]] = {}
 
     @property
@@ -502,12 +526,33 @@ class ByTensor:
     def first_priorities(self) -> list[int]:
         return [4 if i in self.small else 0 for i in range(self.torrent.info.num_pieces())]
 
+    def on_checked(self, h: lt.torrent_handle) -> None:
+        """What the check found is on disk."""
+        have = h.status(lt.status_flags_t.query_pieces).pieces
+        self.ondisk |= {i for i, b in enumerate(have) if b}
+        self.had = set(self.ondisk)
+        self.checked = True
+
+    def on_piece(self, piece: int) -> None:
+        self.arrived.add(piece)
+
+    def on_flushed(self) -> None:
+        if self.flushing is not None:
+            landed, self.flushing = self.flushing, None
+            self._landed(landed)
+
     def step(self, h: lt.torrent_handle) -> None:
-        """Until the map is read: ask for what it needs next; then choose the tensors' pieces."""
-        if self.pm is not None or not all(h.have_piece(p) for p in self.small):
+        """Flush what arrived when it is needed; until the map is read, ask for what it needs next; then
+        choose the tensors' pieces."""
+        now = time.monotonic()
+        if (self.checked and self.flushing is None and self.arrived and (self.pm is None or self.sink)
+                and (self.pm is None or now - self.last_flush >= self.FLUSH_EVERY)):
+            self.flushing, self.arrived, self.last_flush = self.arrived, set(), now
+            h.flush_cache()
+        if self.pm is not None or not self.checked or not self.small <= self.ondisk:
             return
         try:
-            pm = map_release(self.root, self.torrent, h.have_piece)
+            pm = map_release(self.root, self.torrent, self.ondisk.__contains__)
         except Absent as e:
             for p in sorted(pieces_of(self.torrent, e.ranges) - self.asked):
                 h.piece_priority(p, 7)
@@ -517,6 +562,7 @@ class ByTensor:
         self.experts = self.opts.experts if self.opts.experts is not None else tuple(pm.experts)
         self.names = pm.tensors(self.experts)
         self.wanted = pm.wanted(self.experts)
+        self.already_had = payload_bytes(self.torrent, self.wanted & self.had)
         h.prioritize_pieces([4 if i in self.wanted else 0 for i in range(self.torrent.info.num_pieces())])
         plen, total = self.torrent.info.piece_length(), self.torrent.info.total_size()
         self.emit({"event": "tensor_map", "tensors": len(self.names), "of": len(pm.layout.tensors),
@@ -526,19 +572,24 @@ class ByTensor:
         if self.opts.convert is not None:
             self.sink = StreamConvert(pm.layout, self.opts.convert, ConvertOptions(experts=self.opts.experts))
             for name in self.sink.names:
-                self.left[name] = {p for p in pm.tensor_pieces[name] if not h.have_piece(p)}
+                self.left[name] = pm.tensor_pieces[name] - self.ondisk
                 for p in self.left[name]:
                     self.waiting.setdefault(p, []).append(name)
                 if not self.left[name]:
                     self.sink.submit(name)
 
-    def on_piece(self, piece: int) -> None:
-        for name in self.waiting.pop(piece, []):
-            self.left[name].discard(piece)
-            if not self.left[name]:
-                self.sink.submit(name)
+    def _landed(self, pieces: set[int]) -> None:
+        self.ondisk |= pieces
+        for piece in pieces:
+            for name in self.waiting.pop(piece, []):
+                self.left[name].discard(piece)
+                if not self.left[name]:
+                    self.sink.submit(name)
 
-    def finish(self) -> None:
+    def finish(self, h: lt.torrent_handle) -> None:
+        """After the fetch's last flush: every piece it has is on disk (some may have no alert yet)."""
+        have = h.status(lt.status_flags_t.query_pieces).pieces
+        self._landed({i for i, b in enumerate(have) if b} - self.ondisk)
         if self.sink:
             manifest = self.sink.finish()
             self.emit({"event": "converted", "output": str(self.opts.convert), "files": len(manifest["files"]),

@@ -66,7 +66,13 @@ def test_bad_expert_lists_are_refused(nodes, converted, tmp_path, experts, probl
     assert not (tmp_path / "node").exists()
 
 
-def test_experts_on_a_release_in_another_layout_is_refused(tiny_torrent, tmp_path):
-    r = run_ws("fetch", tiny_torrent, "-o", tmp_path / "node", "--experts", "0", *LOOPBACK, "--timeout", "5")
+def test_experts_on_a_release_without_weights_by_tensor_is_refused(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "README.txt").write_text("no weights here\n")
+    torrent = tmp_path / "notes.torrent"
+    assert run_ws("create", folder, "-o", torrent).returncode == 0
+    r = run_ws("fetch", torrent, "-o", tmp_path / "node", "--experts", "0", *LOOPBACK, "--timeout", "5")
     assert r.returncode == 2
-    assert "is not in the per-expert layout" in r.stderr.splitlines()[0]
+    assert "whose tensors can be fetched one by one" in r.stderr.splitlines()[0]
+    assert not (tmp_path / "node").exists()

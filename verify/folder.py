@@ -8,10 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weightswarm.formats.perexpert import check_experts, expert_of_file, select_files
 from weightswarm.verify.checksums import Entry, locate, parse_checksums, verify_entries
 from weightswarm.verify.pieces import verify_pieces
 from weightswarm.verify.report import Finding, Report
 from weightswarm.verify.structure import check_structure
+from weightswarm.verify.tensorpieces import selectable, small_files, verify_selection
 
 # Where publishers put their sums: Mistral's RELEASE, `*.md5`, `SHA256SUMS`, `B3SUMS`...
 CHECKSUM_GLOBS = ("RELEASE", "*.md5", "*SUMS", "*sums", "*SUMS.txt", "*sums.txt")
@@ -30,12 +32,24 @@ def verify_folder(root: str | os.PathLike, torrent: Torrent | None = None,
                   checksum_files: list[Path] | None = None, algo: str | None = None,
                   published: list[tuple[str, str, str]] = (),
                   structure: bool = True, only: set[str] | None = None, workers: int = 2,
-                  progress: Callable[[int], None] | None = None) -> Report:
+                  progress: Callable[[int], None] | None = None, experts: tuple[int, ...] | None = None) -> Report:
     """Run the checks that apply. ``checksum_files=None`` means the ones the payload carries (``[]``:
     none); ``published`` adds (path, algo, hex) sums known from elsewhere (the catalog); ``only``
-    limits the checks to those payload paths (a partial fetch)."""
+    limits the checks to those payload paths (a partial fetch). ``experts`` (with a torrent): a release
+    fetched for those experts only, by file (per-expert layout) or by tensor (verify.tensorpieces)."""
     root = Path(root)
     report = Report(str(root))
+    if experts is not None:
+        paths = [f.path for f in torrent.payload_files()]
+        if not selectable(torrent) or any(expert_of_file(p) is not None for p in paths):
+            have = sorted({e for p in paths if (e := expert_of_file(p)) is not None})
+            check_experts(experts, have)
+            only = set(select_files(paths, experts))
+        else:
+            # The weight files hold holes: their pieces and structure are checked tensor by tensor, and
+            # the publisher's sums of them cannot match.
+            report.extend(verify_selection(root, torrent, experts, workers, progress))
+            torrent, structure, only = None, False, set(small_files(torrent))
     files = find_checksum_files(root) if checksum_files is None else checksum_files
     entries = []
     for cf in files:

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 from weightswarm.core.errors import FormatError, VerificationError
 from weightswarm.core.units import plural
 from weightswarm.formats.layouts import Layout, open_layout
-from weightswarm.formats.partial import Partial, Range
+from weightswarm.formats.partial import Absent, Partial, Range
 from weightswarm.formats.perexpert import check_experts, expert_of_tensor
 from weightswarm.formats.splitfile import split_base
 from weightswarm.formats.tensorref import WEIGHT_SUFFIXES
 from weightswarm.formats.torchzip import check_crcs
-from weightswarm.verify.report import Finding
+from weightswarm.verify.pieces import check_pieces
+from weightswarm.verify.report import Finding, first_few
 
 if TYPE_CHECKING:  # verify needs no BitTorrent code at run time; distrib imports verify
     from weightswarm.distrib.torrentfile import Torrent
@@ -58,6 +59,18 @@ def pieces_of(torrent: Torrent, ranges: list[Range]) -> set[int]:
         if hi > lo:
             out.update(range((f.offset + lo) // plen, (f.offset + hi - 1) // plen + 1))
     return out
+
+
+def payload_bytes(torrent: Torrent, pieces: set[int]) -> int:
+    """The file bytes (pad files left out) these pieces hold."""
+    plen = torrent.info.piece_length()
+    total = 0
+    for f in torrent.payload_files():
+        first, last = f.offset // plen, (f.offset + f.size - 1) // plen
+        for p in pieces:
+            if f.size and first <= p <= last:
+                total += min(f.offset + f.size, (p + 1) * plen) - max(f.offset, p * plen)
+    return total
 
 
 def file_pieces(torrent: Torrent, paths: list[str]) -> set[int]:
@@ -147,4 +160,50 @@ def check_selection(pm: PieceMap, names: list[str], experts: tuple[int, ...], wo
         crcs = ", zip CRCs ok" if members else ""
         findings.append(Finding("structure", rel, True, f"{plural(len(tensors), 'tensor')} of "
                                 f"{len(pm.layout.tensors)} here ({which}){crcs}"))
+    return findings
+
+
+class _Hashed:
+    """have(piece) for a folder: the piece hashed here on first ask, remembered after."""
+
+    def __init__(self, root: Path, torrent: Torrent):
+        self.root, self.torrent, self.good = root, torrent, {}
+
+    def __call__(self, piece: int) -> bool:
+        if piece not in self.good:
+            self.good[piece] = not check_pieces(self.root, self.torrent, [piece], workers=1).bad
+        return self.good[piece]
+
+    def check(self, pieces: set[int], workers: int, progress: Callable[[int], None] | None) -> None:
+        todo = sorted(p for p in pieces if p not in self.good)
+        bad = set(check_pieces(self.root, self.torrent, todo, workers, progress=progress).bad)
+        self.good |= {p: p not in bad for p in todo}
+
+
+def verify_selection(root: str | os.PathLike, torrent: Torrent, experts: tuple[int, ...], workers: int = 2,
+                     progress: Callable[[int], None] | None = None) -> list[Finding]:
+    """A release fetched for some experts: every piece they need here and right (the small files whole),
+    then the structure of what is there. The other pieces are not looked at."""
+    root = Path(root)
+    have = _Hashed(root, torrent)
+    try:
+        pm = map_release(root, torrent, have)
+    except Absent as e:
+        where = ", ".join(f"{rel} bytes {lo}-{hi}" for rel, lo, hi in e.ranges[:3])
+        return [Finding("pieces", e.ranges[0][0], False, f"the tensor map cannot be read: {where} missing or wrong")]
+    except FormatError as e:
+        return [Finding("structure", Path(str(e.path)).name, False, e.problem, refused=True)]
+    wanted = pm.wanted(experts)
+    have.check(wanted, workers, progress)
+    findings = []
+    for f in torrent.payload_files():
+        mine = file_pieces(torrent, [f.path])
+        need = mine & wanted
+        bad = sorted(p for p in need if not have.good[p])
+        whole = "" if need == mine else f" (of {len(mine)}; the others are not needed)"
+        detail = (f"{plural(len(need), 'wanted piece')} ok{whole}" if not bad
+                  else first_few([f"piece {p} missing or failed" for p in bad]))
+        findings.append(Finding("pieces", f.path, not bad, detail))
+    if all(f.ok for f in findings):
+        findings += check_selection(pm, pm.tensors(experts), experts, workers)
     return findings

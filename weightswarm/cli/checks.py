@@ -12,6 +12,7 @@ from weightswarm.cli.common import CONTEXT, PATH, handle_errors
 from weightswarm.cli.console import Reporter, exit_for, print_report
 from weightswarm.core.errors import InputError, OptionError
 from weightswarm.core.units import plural
+from weightswarm.formats.perexpert import parse_experts
 from weightswarm.verify.report import Report
 
 
@@ -28,12 +29,14 @@ from weightswarm.verify.report import Report
               help="Check files and tensors against a blake3 manifest (absent files are reported as absent).")
 @click.option("--source", type=PATH, metavar="PATH",
               help="With --manifest: also check the source checkpoint's tensors against it (provenance).")
+@click.option("--experts", metavar="LIST",
+              help="With --torrent: a release fetched for these experts only (0,3 or 0-3); checks what they need.")
 @click.option("--workers", type=click.IntRange(1), default=os.cpu_count() or 2, show_default=True, metavar="N",
               help="Threads for hashing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_checksums, no_structure,
-           manifest_path: Path | None, source: Path | None, workers, as_json) -> None:
+           manifest_path: Path | None, source: Path | None, experts: str | None, workers, as_json) -> None:
     """Verify FOLDER (a torrent's top folder): pieces, checksums, weight file structure."""
     if not folder.exists():
         raise InputError(folder, "no such file or folder")
@@ -41,6 +44,8 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_che
         raise OptionError("--no-checksums", "", "cannot be combined with --checksums")
     if source and not manifest_path:
         raise OptionError("--source", source, "needs --manifest: the tensor hashes to compare the source with")
+    if experts and not torrent_path:
+        raise OptionError("--experts", experts, "needs --torrent: the pieces say which bytes the experts need")
     torrent = None
     if torrent_path:
         from weightswarm.distrib.torrentfile import load_torrent  # libtorrent only for --torrent
@@ -53,7 +58,8 @@ def verify(folder: Path, torrent_path: Path | None, checksum_files, algo, no_che
         from weightswarm.verify.folder import verify_folder
 
         report = verify_folder(folder, torrent, [] if no_checksums else (list(checksum_files) or None), algo=algo,
-                               structure=not no_structure, workers=workers, progress=progress)
+                               structure=not no_structure, workers=workers, progress=progress,
+                               experts=parse_experts(experts) if experts else None)
     if manifest_path:
         from weightswarm.verify.manifest import verify_manifest
 
