@@ -146,3 +146,23 @@ def test_convert_of_a_per_expert_release_is_refused(nodes, converted, tmp_path):
     assert r.returncode == 2
     assert "is already in the per-expert layout" in r.stderr.splitlines()[0]
     assert not (tmp_path / "node").exists()
+
+
+@pytest.mark.parametrize("layout", ["split-parts", "hf-shards"])
+def test_other_layouts_are_fetched_by_tensor_too(nodes, tiny_release, converted, tmp_path, layout):
+    release = tmp_path / "release"
+    if layout == "split-parts":
+        assert run_ws("synth", release, "--preset", "tiny", "--split", "300k").returncode == 0
+        assert (release / "consolidated.00.pth-split2").is_file()
+    else:
+        r = run_ws("export", converted, "-o", release, "--format", "hf", "--shard-size", "400k")
+        assert r.returncode == 0, r.stderr
+        assert (release / "model.safetensors.index.json").is_file()
+    torrent = tmp_path / "release.torrent"
+    assert run_ws("create", release, "-o", torrent, "--piece-size", "16k").returncode == 0
+    seed = seeder(nodes, release, torrent)
+    r = _fetch(torrent, tmp_path / "node", seed, "--experts", "3", "--convert", tmp_path / "conv")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ev = _events(r)
+    assert ev["verify"]["report"]["ok"] and ev["finished"]["new"] < 0.6 * ev["tensor_map"]["total_size"]
+    assert tree_bytes(tmp_path / "conv") == _offline(release, tmp_path / "offline", "3")
