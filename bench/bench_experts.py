@@ -6,8 +6,8 @@ On a synthetic release (`weightswarm synth --preset 1g`, reused when the workdir
 - bytes: `fetch --experts` of 1, 2 and 4 experts, the payload received and the .pth's allocated blocks, against
   the ideal (the chosen tensors plus every byte of the archive that is no tensor) + two pieces per tensor
   and against the whole file;
-- time: `fetch` of the whole release, then `convert` of it, against `fetch --convert` (one command doing both),
-  uncapped and with the download capped (`--max-download-rate`), each run into fresh folders.
+- time: `fetch` (of the whole release, and of experts 0-3), then `convert` of it, against `fetch --convert` (one
+  command doing both), uncapped and with the download capped (`--max-download-rate`), into fresh folders.
 Writes a PNG of bytes against experts. A report only: nothing is asserted.
 """
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> None:
     print(machine())
     rel = a.workdir / f"experts-{a.preset}" / "mixtral-synth"
     if not (rel / "params.json").exists():
+        rel.parent.mkdir(parents=True, exist_ok=True)
         ws("synth", rel, "--preset", a.preset)
     torrent = rel.parent / "release.torrent"
     if not torrent.exists():
@@ -100,21 +101,24 @@ def main() -> None:
             rows.append((k, need, need + 2 * plen * tensors, got, alloc))
             print(f"| {k} | {need / 1e6:.1f} | {(need + 2 * plen * tensors) / 1e6:.1f} | {got / 1e6:.1f} | "
                   f"{alloc / 1e6:.1f} | {got / need:.3f} | {size / got:.2f}x | {secs:.2f} |")
-        print("\n| download | fetch s | convert s | fetch then convert s | fetch --convert s | "
+        print("\n| selection | download | fetch s | convert s | fetch then convert s | fetch --convert s | "
               "fetch --convert / fetch |")
-        print("|---|---|---|---|---|---|")
-        for cap in (None, a.cap):
-            limit = ["--max-download-rate", cap] if cap else []
-            shutil.rmtree(scratch, ignore_errors=True)
-            t_fetch, _ = fetch(torrent, scratch / "a", a.port, *limit)
-            t = time.perf_counter()
-            ws("convert", scratch / "a" / rel.name, "-o", scratch / "a-conv")
-            t_conv = time.perf_counter() - t
-            t_both, _ = fetch(torrent, scratch / "b", a.port, *limit, "--convert", scratch / "b-conv")
-            diff = ["diff", "-r", "-x", ".convert", scratch / "a-conv", scratch / "b-conv"]
-            same = subprocess.run(diff).returncode == 0
-            print(f"| {cap + '/s' if cap else 'uncapped'} | {t_fetch:.2f} | {t_conv:.2f} | {t_fetch + t_conv:.2f} | "
-                  f"{t_both:.2f} | {t_both / t_fetch:.2f}x{'' if same else ' (OUTPUT DIFFERS)'} |")
+        print("|---|---|---|---|---|---|---|")
+        for sel in ([], ["--experts", "0-3"]):
+            for cap in (None, a.cap):
+                limit = [*sel, "--max-download-rate", cap] if cap else sel
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir()
+                t_fetch, _ = fetch(torrent, scratch / "a", a.port, *limit)
+                t = time.perf_counter()
+                ws("convert", scratch / "a" / rel.name, "-o", scratch / "a-conv", *sel)
+                t_conv = time.perf_counter() - t
+                t_both, _ = fetch(torrent, scratch / "b", a.port, *limit, "--convert", scratch / "b-conv")
+                diff = ["diff", "-r", "-x", ".convert", scratch / "a-conv", scratch / "b-conv"]
+                same = subprocess.run(diff).returncode == 0
+                print(f"| {sel[1] if sel else 'all'} | {cap + '/s' if cap else 'uncapped'} | {t_fetch:.2f} | "
+                      f"{t_conv:.2f} | {t_fetch + t_conv:.2f} | {t_both:.2f} | "
+                      f"{t_both / t_fetch:.2f}x{'' if same else ' (OUTPUT DIFFERS)'} |")
     finally:
         seed.terminate()
         seed.wait(30)

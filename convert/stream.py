@@ -44,6 +44,7 @@ class StreamConvert:
         self.manifest = already_done(self.out, job)
         self.files = plan_files(layout, opts)
         self.file_of = {t.name: rel for rel, ts in self.files.items() for t in ts}
+        self._jobs: list[Future] = []
         if self.manifest is not None:  # the same job, finished by an earlier run
             self.results, self.todo = {}, set()
             return
@@ -60,7 +61,6 @@ class StreamConvert:
             if rel not in self.results and len(self.hashes[rel]) == len(self.files[rel]):
                 self._seal(rel)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="convert")
-        self._jobs: list[Future] = []
 
     @property
     def names(self) -> list[str]:

@@ -38,6 +38,7 @@ from weightswarm.verify.tensorpieces import (
     file_pieces,
     is_weight_file,
     map_release,
+    metadata_guess,
     payload_bytes,
     pieces_of,
     selectable,
@@ -242,6 +243,8 @@ class Fetcher:
 
     def __enter__(self) -> Fetcher:
         check_output_dir(self.opts.output, empty=False)
+        if self.opts.convert is not None:  # refused now, not after the metadata came
+            check_output_dir(self.opts.convert, empty=False)
         self.ses = make_session(self.opts.session)  # a bad --listen fails before anything is written
         self.ses.apply_settings({"alert_mask": int(_FETCH_ALERTS)})
         if self.opts.experts is not None or self.opts.convert is not None:
@@ -338,7 +341,7 @@ class Fetcher:
     def seed(self) -> None:
         """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""
         sa, start = self.opts.seed_after, time.monotonic()
-        wanted = sum(f.size for f in self.torrent.payload_files() if f.path in set(self.selected))
+        wanted = self.handle.status().total_wanted
         while True:
             self.ses.wait_for_alert(500)
             for a in self.ses.pop_alerts():
@@ -524,7 +527,9 @@ class ByTensor:
         return all(have[p] for p in self.wanted)
 
     def first_priorities(self) -> list[int]:
-        return [4 if i in self.small else 0 for i in range(self.torrent.info.num_pieces())]
+        """The small files, and the pieces the map will almost surely read first (one round, not four)."""
+        guess = metadata_guess(self.torrent)
+        return [7 if i in guess else 4 if i in self.small else 0 for i in range(self.torrent.info.num_pieces())]
 
     def on_checked(self, h: lt.torrent_handle) -> None:
         """What the check found is on disk."""

@@ -49,6 +49,26 @@ def small_files(torrent: Torrent) -> list[str]:
     return [f.path for f in torrent.payload_files() if not is_weight_file(f.path)]
 
 
+def metadata_guess(torrent: Torrent) -> set[int]:
+    """The pieces a map almost surely reads, to ask for with the small files: each weight file's first piece
+    (a safetensors header; a torch zip's data.pkl) and a torch zip's last (its end records and, mostly, its
+    central directory). Split parts count as the file they make."""
+    files = [f for f in torrent.payload_files() if is_weight_file(f.path) and f.size]
+    plen = torrent.info.piece_length()
+    out: set[int] = set()
+    for f in files:
+        folder, _, name = f.path.rpartition("/")
+        base = split_base(name)
+        n = int(name.rpartition("-split")[2]) if base else 0
+        parts = [int(g.path.rpartition("-split")[2]) for g in files
+                 if base and g.path.rpartition("/")[0] == folder and split_base(g.path.rpartition("/")[2]) == base]
+        if base is None or n == min(parts):
+            out.add(f.offset // plen)
+        if (base or name).endswith((".pth", ".pt")) and (base is None or n == max(parts)):
+            out.add((f.offset + f.size - 1) // plen)
+    return out
+
+
 def pieces_of(torrent: Torrent, ranges: list[Range]) -> set[int]:
     """The pieces that hold these byte ranges of payload files."""
     by_path = {f.path: f for f in torrent.payload_files()}
