@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +62,9 @@ class StreamConvert:
             if rel not in self.results and len(self.hashes[rel]) == len(self.files[rel]):
                 self._seal(rel)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="convert")
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._busy = False
 
     @property
     def names(self) -> list[str]:
@@ -75,7 +79,11 @@ class StreamConvert:
             f.result()
         if name in self.todo:
             self.todo.discard(name)
-            self._jobs.append(self._pool.submit(self._write, name))
+            with self._lock:
+                self._pending.append(name)
+                if not self._busy:
+                    self._busy = True
+                    self._jobs.append(self._pool.submit(self._drain))
 
     def finish(self) -> dict:
         if self.manifest is not None:
@@ -99,10 +107,34 @@ class StreamConvert:
                 os.close(fd)
             self._fds.clear()
 
-    def _write(self, name: str) -> None:
+    def _drain(self) -> None:
+        """Write what was submitted, in batches: one sync per file and one journal sync per batch, not per
+        tensor (a download hands over tensors faster than a disk syncs them one by one)."""
+        while True:
+            with self._lock:
+                batch, self._pending = self._pending, []
+                if not batch:
+                    self._busy = False
+                    return
+            done = [(self.file_of[name], name, self._put(name)) for name in batch]
+            rels = {rel for rel, _, _ in done}
+            for rel in rels:
+                os.fdatasync(self._fds[rel])  # the bytes are on disk before the journal says so
+            with open(self.work / JOURNAL, "a") as j:
+                j.writelines(json.dumps({"file": rel, "tensor": name, "blake3": digest}) + "\n"
+                             for rel, name, digest in done)
+                j.flush()
+                os.fsync(j.fileno())
+            for rel, name, digest in done:
+                self.hashes[rel][name] = digest
+            for rel in rels:
+                if len(self.hashes[rel]) == len(self.files[rel]):
+                    self._seal(rel)
+
+    def _put(self, name: str) -> str:
+        """Write one tensor at its place in its file; its blake3."""
         rel = self.file_of[name]
-        t = self.layout.located(name)
-        data = tensor_bytes(t, self.opts)
+        data = tensor_bytes(self.layout.located(name), self.opts)
         fd = self._fd(rel)
         begin, end = self.plans[rel].spans[name]
         view = memoryview(data).cast("B")
@@ -111,15 +143,7 @@ class StreamConvert:
         while view:
             k = os.pwrite(fd, view, begin)
             view, begin = view[k:], begin + k
-        os.fdatasync(fd)  # the bytes are on disk before the journal says so
-        digest = blake3_hex(data)
-        self.hashes[rel][name] = digest
-        with open(self.work / JOURNAL, "a") as j:
-            j.write(json.dumps({"file": rel, "tensor": name, "blake3": digest}) + "\n")
-            j.flush()
-            os.fsync(j.fileno())
-        if len(self.hashes[rel]) == len(self.files[rel]):
-            self._seal(rel)
+        return blake3_hex(data)
 
     def _seal(self, rel: str) -> None:
         """A file whose tensors are all in: hashed, and recorded as convert records a finished file."""
