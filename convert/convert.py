@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
     work = prepare(out, job)
     files = plan_files(layout, opts)
     total, read = sum(t.nbytes for ts in files.values() for t in ts), 0
+    # The source's own hashes (a full conversion records them) on a second core, beside the writes.
+    side = ThreadPoolExecutor(1, thread_name_prefix="source-hash")
+    sources = side.submit(source_hashes, layout) if opts.experts is None else None
 
     def advance(n: int) -> None:
         nonlocal read
@@ -83,17 +87,27 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, opts: ConvertOptions
         if progress:
             progress(read, total)
 
-    results = {rel: _convert_file(work, rel, [layout.located(t.name) for t in tensors], opts, advance)
-               for rel, tensors in files.items()}
-    return finish(out, work, layout, opts, files, results)
+    try:
+        results = {rel: _convert_file(work, rel, [layout.located(t.name) for t in tensors], opts, advance)
+                   for rel, tensors in files.items()}
+        hashes = sources.result() if sources else None
+    finally:
+        side.shutdown(wait=True, cancel_futures=True)
+    return finish(out, work, layout, opts, files, results, hashes)
+
+
+def source_hashes(layout: Layout) -> list[str]:
+    return [hash_file(p, "blake3") for p in layout.files]
 
 
 def finish(out: Path, work: Path, layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
-           results: dict[str, dict]) -> dict:
+           results: dict[str, dict], sources: list[str] | None = None) -> dict:
     """Once every output file is done in the work folder: the small files, the moves into place, the
-    manifest last."""
+    manifest last. ``sources``: the source files' blake3, when already taken."""
     copied = _copy_small_files(layout, work / "files")
-    manifest = _manifest(layout, opts, files, results, copied, work / "files")
+    if opts.experts is None and sources is None:
+        sources = source_hashes(layout)
+    manifest = _manifest(layout, opts, files, results, copied, work / "files", sources)
     for rel in [*results, *copied]:
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         os.replace(work / "files" / rel, out / rel)
@@ -180,8 +194,9 @@ def entries(tensors: list[CanonTensor], opts: ConvertOptions) -> list[tuple[str,
 def tensor_bytes(t: CanonTensor, opts: ConvertOptions):
     """A tensor's bytes as they are written: canonical, in the asked dtype."""
     code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
-    data = t.read()
-    return data if not code or code == t.dtype else cast(data, t.dtype, code)
+    if not code or code == t.dtype:
+        return t.view()  # moved as they are: straight from the page cache, no copy
+    return cast(t.read(), t.dtype, code)
 
 
 def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:
@@ -214,7 +229,7 @@ def _copy_small_files(layout: Layout, out: Path) -> list[str]:
 
 
 def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
-              results: dict[str, dict], copied: list[str], out: Path) -> dict:
+              results: dict[str, dict], copied: list[str], out: Path, sources: list[str] | None) -> dict:
     """With --experts the source may be a partial download: its files are listed by size (the tensors'
     blake3 are the provenance), and the manifest names the experts it holds."""
     entries = [{"path": rel, "size": r["size"], "blake3": r["blake3"]} for rel, r in results.items()]
@@ -226,14 +241,14 @@ def _manifest(layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonT
                for rel, ts in files.items() for t in ts]
     order = {name: i for i, name in enumerate(layout.tensors)}
     tensors.sort(key=lambda e: order[e["name"]])
-    sources = [{"path": p.relative_to(layout.root).as_posix(), "size": layout.size(p)} for p in layout.files]
-    if opts.experts is None:
-        sources = [e | {"blake3": hash_file(p, "blake3")} for e, p in zip(sources, layout.files, strict=True)]
+    listed = [{"path": p.relative_to(layout.root).as_posix(), "size": layout.size(p)} for p in layout.files]
+    if sources is not None:
+        listed = [e | {"blake3": h} for e, h in zip(listed, sources, strict=True)]
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "params": layout.params.to_dict(),
-        "source": {"layout": layout.kind, "files": sources},
+        "source": {"layout": layout.kind, "files": listed},
         "files": sorted(entries, key=lambda e: e["path"]),
         "tensors": tensors,
     }

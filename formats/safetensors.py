@@ -10,6 +10,7 @@ import json
 import os
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,15 +185,25 @@ def write_safetensors(dest: str | os.PathLike, entries: list[Entry], tensors: It
                       metadata: dict[str, str] | None = None) -> dict:
     """Stream each tensor's raw bytes (in entry order) into a .safetensors at dest, atomically.
 
-    Returns {"size", "blake3" (of the file), "tensors": {name: blake3 of its raw bytes}}. Holds one
-    tensor at a time. ValueError if a tensor's byte count disagrees with its entry."""
+    Returns {"size", "blake3" (of the file), "tensors": {name: blake3 of its raw bytes}}. Holds two
+    tensors at a time (one hashed, the next read). ValueError if a tensor's byte count disagrees with its entry."""
     p = plan(entries, metadata)
     whole = new_hasher("blake3", p.size)
     hashes: dict[str, str] = {}
     it = iter(tensors)
-    with atomic_open(dest) as f:
+
+    def digest(name: str, view: memoryview) -> None:
+        h = new_hasher("blake3", view.nbytes)
+        h.update(view)
+        whole.update(view)
+        hashes[name] = h.hexdigest()
+
+    # A tensor is hashed on a thread while it is written and the next one is read (blake3, writes and reads
+    # release the GIL): the file's hash needs the tensors in order, so one is hashed at a time.
+    with atomic_open(dest) as f, ThreadPoolExecutor(1, thread_name_prefix="hash") as pool:
         f.write(p.header)
         whole.update(p.header)
+        hashing = None
         for name, (begin, end) in p.spans.items():
             data = next(it, None)
             if data is None:
@@ -200,12 +211,13 @@ def write_safetensors(dest: str | os.PathLike, entries: list[Entry], tensors: It
             view = memoryview(data).cast("B")
             if view.nbytes != end - begin:
                 raise ValueError(f"{name}: got {view.nbytes} bytes, the plan says {end - begin}")
-            h = new_hasher("blake3", view.nbytes)
-            h.update(view)
-            whole.update(view)
+            if hashing is not None:
+                hashing.result()
+            hashing = pool.submit(digest, name, view)
             f.write(view)
-            hashes[name] = h.hexdigest()
-            del view, data  # drop this tensor before the iterator makes the next one
+            del view, data  # the hash holds this tensor until it is done; the next one comes meanwhile
+        if hashing is not None:
+            hashing.result()
         if next(it, None) is not None:
             raise ValueError(f"{dest}: more tensors than the plan's {len(entries)}")
     return {"size": p.size, "blake3": whole.hexdigest(), "tensors": hashes}

@@ -5,6 +5,7 @@ allocates more than the file holds.
 """
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +40,19 @@ class TensorRef:
             raise ValueError(f"{self.name}: rows [{start}, {stop}) outside shape {list(self.shape)}")
         return replace(self, name=name or self.name, shape=(stop - start, *self.shape[1:]),
                        offset=self.offset + start * self.row_bytes, nbytes=(stop - start) * self.row_bytes)
+
+    def view(self):
+        """The bytes without a copy: a read-only map of just this range of a real file (its pages come from
+        the page cache), or read() for split parts. Unmapped once the last reference goes."""
+        if not self.nbytes or not self.path.is_file():
+            return self.read()
+        with open_regular(self.path) as f:
+            if os.fstat(f.fileno()).st_size < self.offset + self.nbytes:
+                raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
+                                             f"{self.offset}, the file is shorter")
+            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+            m = mmap.mmap(f.fileno(), self.offset + self.nbytes - start, access=mmap.ACCESS_READ, offset=start)
+        return memoryview(m)[self.offset - start:]
 
     def read(self) -> bytearray:
         """Exactly nbytes (a bytearray, so a tensor can wrap it without a copy)."""
