@@ -192,11 +192,13 @@ def entries(tensors: list[CanonTensor], opts: ConvertOptions) -> list[tuple[str,
 
 
 def tensor_bytes(t: CanonTensor, opts: ConvertOptions):
-    """A tensor's bytes as they are written: canonical, in the asked dtype."""
+    """A tensor's bytes as they are written (canonical, in the asked dtype), or its TensorRef when they are
+    stored so (write_safetensors copies those)."""
     code = FLOAT_NAMES.get(opts.dtype) if opts.dtype else None
-    if not code or code == t.dtype:
-        return t.view()  # moved as they are: straight from the page cache, no copy
-    return cast(t.read(), t.dtype, code)
+    if code and code != t.dtype:
+        return cast(t.read(), t.dtype, code)
+    # Stored as they are: the writer copies them file to file in the kernel.
+    return t.ref if t.transform is None else t.read()
 
 
 def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: ConvertOptions, progress) -> dict:

@@ -30,6 +30,7 @@ from weightswarm.convert.convert import (
 from weightswarm.core.hashing import blake3_hex, hash_file
 from weightswarm.formats.layouts import Layout
 from weightswarm.formats.safetensors import Plan, plan
+from weightswarm.formats.tensorref import TensorRef
 
 JOURNAL = "journal.jsonl"
 
@@ -137,13 +138,16 @@ class StreamConvert:
         data = tensor_bytes(self.layout.located(name), self.opts)
         fd = self._fd(rel)
         begin, end = self.plans[rel].spans[name]
-        view = memoryview(data).cast("B")
+        view = memoryview(data.view() if isinstance(data, TensorRef) else data).cast("B")
         if view.nbytes != end - begin:
             raise ValueError(f"{name}: got {view.nbytes} bytes, the plan says {end - begin}")
-        while view:
-            k = os.pwrite(fd, view, begin)
-            view, begin = view[k:], begin + k
-        return blake3_hex(data)
+        if isinstance(data, TensorRef):
+            data.copy_into(fd, begin)
+        else:
+            at = begin
+            while view[at - begin:]:
+                at += os.pwrite(fd, view[at - begin:], at)
+        return blake3_hex(view)
 
     def _seal(self, rel: str) -> None:
         """A file whose tensors are all in: hashed, and recorded as convert records a finished file."""

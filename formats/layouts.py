@@ -83,10 +83,6 @@ class CanonTensor:
         data = self.ref.read()
         return data if self.transform is None else self.transform.apply(data, ITEMSIZE[self.dtype])
 
-    def view(self):
-        """The same bytes, without a copy where they are stored as they are (TensorRef.view)."""
-        return self.ref.view() if self.transform is None else self.read()
-
 
 @dataclass(frozen=True)
 class Layout:

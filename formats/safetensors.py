@@ -183,7 +183,8 @@ def plan(entries: list[Entry], metadata: dict[str, str] | None = None) -> Plan:
 
 def write_safetensors(dest: str | os.PathLike, entries: list[Entry], tensors: Iterable,
                       metadata: dict[str, str] | None = None) -> dict:
-    """Stream each tensor's raw bytes (in entry order) into a .safetensors at dest, atomically.
+    """Stream each tensor's raw bytes (in entry order) into a .safetensors at dest, atomically. A tensor is
+    a buffer, or a TensorRef of bytes stored as they are (copied in the kernel, hashed from the page cache).
 
     Returns {"size", "blake3" (of the file), "tensors": {name: blake3 of its raw bytes}}. Holds two
     tensors at a time (one hashed, the next read). ValueError if a tensor's byte count disagrees with its entry."""
@@ -203,18 +204,28 @@ def write_safetensors(dest: str | os.PathLike, entries: list[Entry], tensors: It
     with atomic_open(dest) as f, ThreadPoolExecutor(1, thread_name_prefix="hash") as pool:
         f.write(p.header)
         whole.update(p.header)
+        f.flush()  # tensors go in at their offsets, past the buffer
+        fd = f.fileno()
         hashing = None
         for name, (begin, end) in p.spans.items():
             data = next(it, None)
             if data is None:
                 raise ValueError(f"{name}: the tensors ran out before the plan did")
-            view = memoryview(data).cast("B")
+            view = memoryview(data.view() if isinstance(data, TensorRef) else data).cast("B")
             if view.nbytes != end - begin:
                 raise ValueError(f"{name}: got {view.nbytes} bytes, the plan says {end - begin}")
             if hashing is not None:
                 hashing.result()
             hashing = pool.submit(digest, name, view)
-            f.write(view)
+            if isinstance(data, TensorRef):
+                data.copy_into(fd, begin)
+            else:
+                at = begin
+                while view:
+                    k = os.pwrite(fd, view, at)
+                    view, at = view[k:], at + k
+            # Start writing it back now, so the final fsync does not wait for the whole file.
+            os.posix_fadvise(fd, begin, end - begin, os.POSIX_FADV_DONTNEED)
             del view, data  # the hash holds this tensor until it is done; the next one comes meanwhile
         if hashing is not None:
             hashing.result()

@@ -5,6 +5,7 @@ allocates more than the file holds.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from dataclasses import dataclass, replace
@@ -53,6 +54,30 @@ class TensorRef:
             start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
             m = mmap.mmap(f.fileno(), self.offset + self.nbytes - start, access=mmap.ACCESS_READ, offset=start)
         return memoryview(m)[self.offset - start:]
+
+    def copy_into(self, fd: int, at: int) -> None:
+        """Write the bytes at offset ``at`` of fd: in the kernel (copy_file_range, no pass through user
+        memory) where the filesystems allow, else from view()."""
+        if self.path.is_file():
+            with open_regular(self.path) as f:
+                if os.fstat(f.fileno()).st_size < self.offset + self.nbytes:
+                    raise FormatError(self.path, f"{self.name}: truncated: needs {self.nbytes} bytes at offset "
+                                                 f"{self.offset}, the file is shorter")
+                done = 0
+                try:
+                    while done < self.nbytes:
+                        k = os.copy_file_range(f.fileno(), fd, self.nbytes - done, self.offset + done, at + done)
+                        if not k:
+                            raise FormatError(self.path, f"{self.name}: the file shrank while being read")
+                        done += k
+                    return
+                except OSError as e:
+                    if done or e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+        view = memoryview(self.view()).cast("B")
+        while view:
+            k = os.pwrite(fd, view, at)
+            view, at = view[k:], at + k
 
     def read(self) -> bytearray:
         """Exactly nbytes (a bytearray, so a tensor can wrap it without a copy)."""
