@@ -32,6 +32,7 @@ class DaemonConfig:
     max_upload_rate: int = 0  # bytes/s for the whole daemon, 0 = unlimited
     max_download_rate: int = 0
     max_connections: int = 200
+    distinct_pieces: bool = True  # serve so that each piece leaves about once (distrib.session.DISTINCT_PIECES)
     torrent_max_upload_rate: int = 0  # default limits of each torrent (the API can set others per torrent)
     torrent_max_download_rate: int = 0
     torrent_max_connections: int = 0  # 0 = only the daemon's limit

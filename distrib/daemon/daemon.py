@@ -107,7 +107,8 @@ class Daemon:
     def _open_session(self, loop: asyncio.AbstractEventLoop) -> None:
         c = self.cfg
         self.ses = make_session(SessionOptions(listen=c.listen, dht=c.dht, upload_rate=c.max_upload_rate,
-                                               download_rate=c.max_download_rate, max_connections=c.max_connections))
+                                               download_rate=c.max_download_rate, max_connections=c.max_connections,
+                                               distinct_pieces=c.distinct_pieces))
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.

@@ -24,6 +24,8 @@ D = DEFAULTS
 @click.option("--api", metavar="HOST:PORT", help=f"HTTP API and web seed address [default: {D.api}]")
 @click.option("--listen", metavar="HOST:PORT", help=f"BitTorrent address [default: {D.listen}]")
 @click.option("--dht/--no-dht", default=None, help="DHT and local peer discovery [default: on]")
+@click.option("--distinct-pieces/--no-distinct-pieces", default=None,
+              help="Serve so that a swarm gets each piece from us about once [default: on]")
 @click.option("--token-file", metavar="PATH",
               help="API bearer token, created with mode 0600 if absent [default: STATE/api-token]")
 @click.option("--max-upload-rate", metavar="BYTES",

@@ -17,13 +17,17 @@ from weightswarm.distrib.session import SessionOptions, parse_endpoint
 SESSION = SessionOptions()  # the defaults
 
 
-def session_options(listen: str, no_dht: bool, up: str | None = None, down: str | None = None) -> SessionOptions:
+def session_options(listen: str, no_dht: bool, no_distinct_pieces: bool, up: str | None = None,
+                    down: str | None = None) -> SessionOptions:
     parse_endpoint(listen)
     return SessionOptions(listen=listen, dht=not no_dht, upload_rate=limit("--max-upload-rate", up),
-                          download_rate=limit("--max-download-rate", down))
+                          download_rate=limit("--max-download-rate", down), distinct_pieces=not no_distinct_pieces)
 
 
 def listen_options(fn):
+    fn = click.option("--no-distinct-pieces", is_flag=True,
+                      help="libtorrent's stock request queues and piece picking (an origin then sends more of "
+                           "the payload twice).")(fn)
     fn = click.option("--no-dht", is_flag=True, help="No DHT and no local peer discovery.")(fn)
     return click.option("--listen", default=SESSION.listen, show_default=True, metavar="HOST:PORT",
                         help="Address to accept peers on.")(fn)
@@ -110,8 +114,8 @@ def create(path: Path, output: Path, fmt: str, piece_size: str | None, tracker, 
 @click.option("--json", "as_json", is_flag=True, help="One JSON event per line.")
 @click.pass_context
 @handle_errors
-def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_verified: bool,
-         max_upload_rate: str | None, as_json: bool) -> None:
+def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, no_distinct_pieces: bool,
+         assume_verified: bool, max_upload_rate: str | None, as_json: bool) -> None:
     """Seed PATH (the torrent's top folder) in the foreground until Ctrl-C/SIGTERM."""
     from weightswarm.distrib.seed import SeedOptions
     from weightswarm.distrib.seed import seed as run_seed
@@ -119,7 +123,8 @@ def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_
 
     events(ctx)
     torrent = load_torrent(torrent_path)
-    opts = SeedOptions(session=session_options(listen, no_dht, up=max_upload_rate), assume_verified=assume_verified)
+    opts = SeedOptions(session=session_options(listen, no_dht, no_distinct_pieces, up=max_upload_rate),
+                       assume_verified=assume_verified)
     rep = Reporter(as_json)
     try:
         run_seed(torrent, path, opts, rep)
@@ -150,7 +155,8 @@ def seed(ctx, path: Path, torrent_path: Path, listen: str, no_dht: bool, assume_
 @click.pass_context
 @handle_errors
 def fetch(ctx, source: str, output: Path, only, experts, convert_to, peer, web_seed, listen: str, no_dht: bool,
-          max_download_rate, max_upload_rate, seed_after, timeout: str, no_verify: bool, as_json: bool) -> None:
+          no_distinct_pieces: bool, max_download_rate, max_upload_rate, seed_after, timeout: str, no_verify: bool,
+          as_json: bool) -> None:
     """Download SOURCE (magnet, .torrent, info-hash or catalog name), then verify it."""
     from weightswarm.core.units import parse_duration
     from weightswarm.distrib.fetch import FetchOptions, SeedAfter, fetch_and_verify
@@ -162,7 +168,8 @@ def fetch(ctx, source: str, output: Path, only, experts, convert_to, peer, web_s
                         convert=convert_to,
                         peers=tuple(parse_endpoint(p, "--peer") for p in peer), web_seeds=tuple(web_seed),
                         timeout=parse_duration(timeout, "--timeout"),
-                        session=session_options(listen, no_dht, up=max_upload_rate, down=max_download_rate),
+                        session=session_options(listen, no_dht, no_distinct_pieces, up=max_upload_rate,
+                                                down=max_download_rate),
                         seed_after=SeedAfter.parse(seed_after) if seed_after else None)
     rep = Reporter(as_json)
     try:
