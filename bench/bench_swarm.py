@@ -334,6 +334,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     ns = [r["n"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -347,6 +348,7 @@ def plot(rows: list[dict], path: Path) -> None:
     a.set(xlabel="fetcher hosts N", ylabel="last host done (s)", xscale="log", yscale="log",
           title=f"{rows[0]['payload'] / 1e6:.0f} MB to N hosts, 100 Mbit/s links")
     a.set_xticks(ns, [str(n) for n in ns])
+    a.xaxis.set_minor_formatter(NullFormatter())
     a.legend(fontsize=8)
     for key, style, label in (("swarm", "o-", "weightswarm (default)"), ("stock", "s-", "--no-distinct-pieces"),
                               ("aria2c", "^-", "aria2c fetchers")):
@@ -356,6 +358,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.axhline(1.0, color="k", ls="--", label="the payload once")
     b.set(xlabel="fetcher hosts N", ylabel="origin upload / payload", xscale="log", title="what the origin sent")
     b.set_xticks(ns, [str(n) for n in ns])
+    b.xaxis.set_minor_formatter(NullFormatter())
     b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
