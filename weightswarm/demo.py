@@ -145,15 +145,16 @@ class Demo:
                 pass
         daemon = f"127.0.0.1:{self.daemon.port}"  # the nodes dial it, so they know it by its listen port
         payload = sum(p.stat().st_size for p in self.release.iterdir() if p.is_file())
+        sent = 0  # counted where it arrived: the daemon's own counter lags its last second of sending
         for n in self.nodes:
             fin = n.last["finished"]
             from_daemon = fin["sources"].get(daemon, 0)
+            sent += from_daemon
             extra = fin["downloaded"] - fin["new"]
             self.show(f"  {n.name}: {human(fin['new'])} of files + {human(extra)} of block padding and redundant "
                       f"blocks: {human(from_daemon)} from the daemon, "
                       f"{human(max(0, fin['downloaded'] - from_daemon))} from other nodes")
         got = sum(n.last["finished"]["downloaded"] for n in self.nodes)
-        sent = self.api.uploaded()
         return got, (f"{self.leechers} nodes received {human(got)} for a {human(payload)} release; the daemon "
                      f"sent {human(sent)} ({sent / payload:.2f}x the payload), the nodes each other the rest")
 
