@@ -1,4 +1,5 @@
-"""Helpers the tests share: weightswarm commands as subprocesses, a daemon on loopback, file helpers."""
+"""Helpers the tests share: weightswarm commands as subprocesses, other programs run and always stopped (opentracker),
+a daemon on loopback, file helpers."""
 from __future__ import annotations
 
 import shutil
@@ -9,10 +10,11 @@ from pathlib import Path
 
 from weightswarm.core.errors import SwarmError
 from weightswarm.distrib.daemon.client import ApiClient
+from weightswarm.distrib.torrentfile import load_torrent
 from weightswarm.procs import LOOPBACK, WS, WsProcess
 
 __all__ = ["LOOPBACK", "WS", "WsProcess", "run_ws", "seeder", "flip_byte", "tree_bytes", "free_port",
-           "wait_listening", "Daemon", "place"]
+           "wait_listening", "stop", "Program", "Tracker", "Daemon", "place"]
 
 
 def run_ws(*args, cwd=None, timeout=120, env=None) -> subprocess.CompletedProcess:
@@ -59,6 +61,72 @@ def wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> No
         except subprocess.TimeoutExpired:
             pass
     raise AssertionError(f"nothing listens on {port}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # a clean exit flushes the clients' write caches before the bytes are compared
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Program:
+    """A program run in its own folder with its output in ``log``; as a context manager it is always stopped."""
+
+    binary: str
+
+    def __init__(self, work: Path):
+        self.work = work
+        work.mkdir(parents=True)
+        self.port = free_port()  # where it accepts peers (a tracker: announces)
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def started(self) -> None:
+        """Return once it serves (raise if it does not)."""
+
+    def __enter__(self):
+        self._log = open(self.work / "log", "wb")
+        self.proc = subprocess.Popen(self.command(), cwd=self.work, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        try:
+            self.started()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop(self.proc)
+        self._log.close()
+
+    def log(self) -> str:
+        return (self.work / "log").read_text(errors="replace")[-3000:]
+
+
+class Tracker(Program):
+    """opentracker on loopback, serving the torrents' info-hashes only."""
+
+    binary = "opentracker"
+
+    def __init__(self, work: Path, port: int, *torrents: Path):
+        super().__init__(work)
+        self.port = port  # already named in the torrents
+        # opentracker serves only whitelisted hashes: the v1 hash and the v2 hash's first 40 hex digits.
+        hashes = [h for t in map(load_torrent, torrents) for h in (t.v1, t.v2 and t.v2[:40]) if h]
+        (work / "whitelist.txt").write_text("".join(f"{h}\n" for h in hashes))
+
+    def command(self) -> list[str]:
+        return ["opentracker", "-i", "127.0.0.1", "-p", str(self.port), "-P", str(self.port), "-d", str(self.work),
+                "-w", "whitelist.txt"]
+
+    def started(self) -> None:
+        wait_listening(self.proc, self.port)
 
 
 class Daemon:

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.support import LOOPBACK, free_port, run_ws, seeder, tree_bytes, wait_listening
+from tests.support import LOOPBACK, Tracker, free_port, run_ws, seeder, tree_bytes, wait_listening
 
 pytestmark = pytest.mark.skipif(shutil.which("aria2c") is None, reason="aria2c is not installed (apt-get install aria2)")
 
@@ -37,25 +37,12 @@ def test_fetch_from_aria2c(tiny_release, tmp_path):
 
 @pytest.mark.skipif(shutil.which("opentracker") is None, reason="opentracker is not installed (apt-get install opentracker)")
 def test_seeder_and_fetcher_find_each_other_through_a_real_tracker(nodes, tiny_release, tmp_path):
-    from weightswarm.distrib.torrentfile import load_torrent
-
     port = free_port()
     torrent = tmp_path / "tracked.torrent"
     r = run_ws("create", tiny_release, "-o", torrent, "--tracker", f"http://127.0.0.1:{port}/announce")
     assert r.returncode == 0, r.stderr
-    t = load_torrent(torrent)
-    # opentracker serves only whitelisted hashes: the v1 hash and the v2 hash's first 40 hex digits.
-    (tmp_path / "ot").mkdir()
-    (tmp_path / "ot" / "whitelist.txt").write_text(f"{t.v1}\n{t.v2[:40]}\n")
-    tracker = subprocess.Popen(["opentracker", "-i", "127.0.0.1", "-p", str(port), "-P", str(port),
-                                "-d", str(tmp_path / "ot"), "-w", "whitelist.txt"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_listening(tracker, port)
+    with Tracker(tmp_path / "ot", port, torrent):
         seeder(nodes, tiny_release, torrent)
         r = run_ws("fetch", torrent, "-o", tmp_path / "out", *LOOPBACK, "--timeout", "30")  # no --peer
         assert r.returncode == 0, r.stdout + r.stderr
         assert tree_bytes(tmp_path / "out" / tiny_release.name) == tree_bytes(tiny_release)
-    finally:
-        tracker.terminate()
-        tracker.wait(timeout=10)
