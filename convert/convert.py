@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from weightswarm.core.atomic import atomic_write_bytes, fsync_dir
+from weightswarm.core.atomic import atomic_write_bytes
 from weightswarm.core.errors import OptionError
 from weightswarm.core.hashing import hash_file
-from weightswarm.core.paths import check_output_dir, walk_files
+from weightswarm.core.paths import walk_files
+from weightswarm.core.workdir import FILES, publish, resume, same_job
+from weightswarm.core.workdir import prepare as workdir_prepare
 from weightswarm.formats.dtypes import FLOAT_NAMES, cast
 from weightswarm.formats.layouts import CanonTensor, Layout, open_layout
 from weightswarm.formats.manifest import FORMAT, NAME, VERSION, manifest_bytes
@@ -102,34 +103,29 @@ def source_hashes(layout: Layout) -> list[str]:
 
 def finish(out: Path, work: Path, layout: Layout, opts: ConvertOptions, files: dict[str, list[CanonTensor]],
            results: dict[str, dict], sources: list[str] | None = None) -> dict:
-    """Once every output file is done in the work folder: the small files, the moves into place, the
-    manifest last. ``sources``: the source files' blake3, when already taken."""
-    copied = _copy_small_files(layout, work / "files")
+    """Once every output file is done in the work folder: the small files, then all moved into place
+    with the manifest last. ``sources``: the source files' blake3, when already taken."""
+    copied = _copy_small_files(layout, work / FILES)
     if opts.experts is None and sources is None:
         sources = source_hashes(layout)
-    manifest = _manifest(layout, opts, files, results, copied, work / "files", sources)
-    for rel in [*results, *copied]:
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work / "files" / rel, out / rel)
-    for folder in {(out / rel).parent for rel in [*results, *copied]}:
-        fsync_dir(folder)
-    atomic_write_bytes(out / NAME, manifest_bytes(manifest))
-    for p in work.iterdir():  # what stays is the job's record: a rerun of the same job is then a no-op
-        if p.name != "job.json":
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    manifest = _manifest(layout, opts, files, results, copied, work / FILES, sources)
+    atomic_write_bytes(work / FILES / NAME, manifest_bytes(manifest))
+    # What stays is the job's record: a rerun of the same job is then a no-op.
+    publish(work / FILES, [*results, *copied, NAME], keep_job=True)
     return manifest
 
 
 def already_done(out: Path, job: dict) -> dict | None:
-    """The manifest of a finished conversion of the same job whose files are all still there, else None."""
+    """The manifest of a finished conversion of the same job whose files are all still there, else None.
+    A run killed while moving its files into place is finished first."""
+    resume(out, WORK, job, keep_job=True)
     try:
-        same = json.loads((out / WORK / "job.json").read_text()) == job
         manifest = json.loads((out / NAME).read_text())
         intact = all((out / e["path"]).is_file() and (out / e["path"]).stat().st_size == e["size"]
                      for e in manifest["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return manifest if same and intact else None
+    return manifest if same_job(out / WORK, job) and intact else None
 
 
 def job_of(layout: Layout, opts: ConvertOptions, mtimes: bool = True) -> dict:
@@ -143,19 +139,10 @@ def disk_partial(root: Path) -> Partial:
 
 
 def prepare(out: Path, job: dict) -> Path:
-    """The work folder, after checking OUT; a leftover from an interrupted run of the same job is reused."""
-    check_output_dir(out, empty=False)
-    work = out / WORK
-    try:
-        same_job = json.loads((work / "job.json").read_text()) == job and not (out / NAME).exists()
-    except (OSError, ValueError):
-        same_job = False
-    if not same_job:
-        check_output_dir(out, ignore=(WORK,))
-        shutil.rmtree(work, ignore_errors=True)  # an interrupted run of another job
-    (work / "done").mkdir(parents=True, exist_ok=True)
-    (work / "files").mkdir(exist_ok=True)
-    atomic_write_bytes(work / "job.json", json.dumps(job, sort_keys=True).encode())
+    """The work folder (core.workdir), after checking OUT; a leftover of an interrupted run of the same job
+    is reused. ``done/`` holds the records of the files it finished."""
+    work = workdir_prepare(out, WORK, job).parent
+    (work / "done").mkdir(exist_ok=True)
     return work
 
 
@@ -169,11 +156,7 @@ def _fingerprint(layout: Layout, mtimes: bool) -> dict:
 def done_file(work: Path, rel: str) -> dict | None:
     """The result of an output file an earlier, interrupted run finished (None if it did not)."""
     done = work / "done" / (rel.replace("/", "__") + ".json")
-    dest = work / "files" / rel
-    moved = work.parent / rel  # an earlier run may have died while moving finished files into place
-    if done.is_file() and moved.is_file() and not dest.is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(moved, dest)
+    dest = work / FILES / rel
     if done.is_file() and dest.is_file():
         result = json.loads(done.read_text())
         if result["size"] == dest.stat().st_size:
@@ -213,7 +196,7 @@ def _convert_file(work: Path, rel: str, tensors: list[CanonTensor], opts: Conver
             progress(t.nbytes)
             yield data
 
-    dest = work / "files" / rel
+    dest = work / FILES / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
     result = write_safetensors(dest, entries(tensors, opts), stream())
     record_done(work, rel, result)

@@ -1,21 +1,20 @@
 """Reassemble any supported layout (the per-expert one included) as Hugging Face shards or Mistral's single file.
 
-Files are built in ``DEST/.export/`` and moved up when all are done, so DEST never holds half a layout. A
-run that dies (kill -9, a full disk) leaves that folder; the same command then keeps the shards it finished
-and writes the rest. Hugging Face shards are written from raw bytes; only Mistral's ``consolidated.00.pth``
-needs torch (``torch.save``, which holds the whole model in memory for this one file).
+Files are built in ``DEST/.export/`` and moved up when all are done (``core.workdir``), so DEST never holds
+half a layout. A run that dies (kill -9, a full disk) leaves that folder; the same command then keeps the
+shards it finished and writes the rest. Hugging Face shards are written from raw bytes; only Mistral's
+``consolidated.00.pth`` needs torch (``torch.save``, which holds the whole model in memory for this one file).
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from weightswarm.core.atomic import atomic_open, atomic_write_bytes, fsync_dir
+from weightswarm.core.atomic import atomic_open, atomic_write_bytes
 from weightswarm.core.errors import OptionError
-from weightswarm.core.paths import check_output_dir
+from weightswarm.core.workdir import prepare, publish, resume
 from weightswarm.formats.dtypes import NAMES
 from weightswarm.formats.hf import heads_of, hf_config_from_params, hf_row_order, mistral_to_hf, reorder_rows
 from weightswarm.formats.layouts import CanonTensor, Layout, open_layout
@@ -34,27 +33,18 @@ def export(src: str | os.PathLike, dest: str | os.PathLike, fmt: str = "hf",
     if shard_bytes <= 0:
         raise OptionError("--shard-size", shard_bytes, "must be at least 1 byte")
     layout = open_layout(src)
-    dest = check_output_dir(Path(dest), ignore=(WORK,))
-    work = dest / WORK
+    dest = Path(dest)
     job = {"source": str(layout.root.resolve()), "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
                                                            for p in layout.files], "format": fmt,
            "shard_bytes": shard_bytes}
-    try:
-        same = json.loads((work / "job.json").read_text()) == job
-    except (OSError, ValueError):
-        same = False
-    if not same:  # a leftover of another export: start afresh
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(work / "job.json", json.dumps(job).encode())
-    written = _hf(layout, work, shard_bytes) if fmt == "hf" else _consolidated(layout, work)
+    done = resume(dest, WORK, job)
+    if done is not None:  # an earlier run of this export was killed while moving its files into place
+        return done
+    files = prepare(dest, WORK, job)  # a leftover of this export keeps the shards it finished
+    written = _hf(layout, files, shard_bytes) if fmt == "hf" else _consolidated(layout, files)
     if layout.tokenizer is not None:
-        written.append(atomic_write_bytes(work / "tokenizer.model", layout.tokenizer.read_bytes()))
-    for p in written:
-        os.replace(p, dest / p.name)
-    shutil.rmtree(work)
-    fsync_dir(dest)
-    return [dest / p.name for p in written]
+        written.append(atomic_write_bytes(files / "tokenizer.model", layout.tokenizer.read_bytes()))
+    return publish(files, [p.name for p in written])
 
 
 def _hf(layout: Layout, work: Path, shard_bytes: int) -> list[Path]:

@@ -28,6 +28,7 @@ from weightswarm.convert.convert import (
     tensor_bytes,
 )
 from weightswarm.core.hashing import blake3_hex, hash_file
+from weightswarm.core.workdir import FILES
 from weightswarm.formats.layouts import Layout
 from weightswarm.formats.safetensors import Plan, plan
 from weightswarm.formats.tensorref import TensorRef
@@ -154,7 +155,7 @@ class StreamConvert:
         fd = self._fds.pop(rel, None)
         if fd is not None:
             os.close(fd)
-        dest = self.work / "files" / rel
+        dest = self.work / FILES / rel
         tensors = {t.name: self.hashes[rel][t.name] for t in self.files[rel]}
         result = {"size": self.plans[rel].size, "blake3": hash_file(dest, "blake3"), "tensors": tensors}
         record_done(self.work, rel, result)
@@ -162,7 +163,7 @@ class StreamConvert:
 
     def _fd(self, rel: str) -> int:
         if rel not in self._fds:
-            dest = self.work / "files" / rel
+            dest = self.work / FILES / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(dest, os.O_RDWR | os.O_CREAT, 0o644)
             p = self.plans[rel]

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -17,9 +16,9 @@ import sentencepiece as spm
 import torch
 
 from weightswarm.convert.presets import VOCAB_SIZE, preset_args
-from weightswarm.core.atomic import atomic_write_bytes, commit, discard, fsync_dir, naming, temp_path
+from weightswarm.core.atomic import atomic_write_bytes, commit, discard, naming, temp_path
 from weightswarm.core.errors import OptionError
-from weightswarm.core.paths import check_output_dir
+from weightswarm.core.workdir import prepare, publish, resume
 from weightswarm.formats.params import ModelArgs
 
 CHECKPOINT = "consolidated.00.pth"
@@ -71,15 +70,17 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", split: int | None =
     if split is not None and split <= 0:
         raise OptionError("--split", split, "must be a positive number of bytes")
     preset_args(preset)  # an unknown preset is refused before anything is written
-    out = check_output_dir(Path(out), ignore=(WORK,))
+    out = Path(out)
+    job = {"preset": preset, "split": split, "seed": seed}
+    done = resume(out, WORK, job)
+    if done is not None:  # an earlier run was killed while moving its files into place
+        return done
+    # Everything is written in OUT/.synth and moved up at the end (core.workdir): a run that dies (a full
+    # disk, kill -9) leaves only that folder, which the same command replaces.
+    work = prepare(out, WORK, job, reuse=False)
     tokenizer = train_tokenizer()
     # params.json must name the tokenizer's real piece count, whatever the trainer made of VOCAB_SIZE.
     args = preset_args(preset, spm.SentencePieceProcessor(model_proto=tokenizer).get_piece_size())
-    # Everything is written in OUT/.synth and moved up at the end: a run that dies (a full disk, kill -9)
-    # leaves only that folder, which the same command replaces.
-    work = out / WORK
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     # One line plus a newline: the shipped 8x7B params.json is json.dumps' 192 bytes + 1.
     params = json.dumps(args.to_dict()) + "\n"
     written = [atomic_write_bytes(work / PARAMS, params.encode()), atomic_write_bytes(work / TOKENIZER, tokenizer)]
@@ -98,11 +99,7 @@ def synthesize(out: str | os.PathLike, preset: str = "tiny", split: int | None =
     written += sink.paths
     sums = f"{sink.md5.hexdigest()}  {CHECKPOINT}\n{hashlib.md5(tokenizer).hexdigest()}  {TOKENIZER}\n"
     written.append(atomic_write_bytes(work / RELEASE, sums.encode()))
-    for p in written:  # RELEASE last: its presence says the rest is complete
-        os.replace(p, out / p.name)
-    work.rmdir()
-    fsync_dir(out)
-    return [out / p.name for p in written]
+    return publish(work, [p.name for p in written])  # RELEASE last: its presence says the rest is complete
 
 
 class _PartWriter(io.RawIOBase):

@@ -40,6 +40,16 @@ def test_conversion_is_deterministic(converted, tiny_release, tmp_path):
     assert tree_bytes(again) == tree_bytes(converted)
 
 
+@pytest.mark.parametrize("only", [[], ["--experts", "0,3"]])
+def test_a_rerun_of_a_finished_job_is_a_no_op(tiny_release, tmp_path, only):
+    out = tmp_path / "out"
+    assert run_ws("convert", tiny_release, "-o", out, *only).returncode == 0
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    r = run_ws("convert", tiny_release, "-o", out, *only)
+    assert r.returncode == 0, r.stderr
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_layer_expert_granularity_and_dtype(tiny_release, tmp_path):
     out = tmp_path / "le"
     r = run_ws("convert", tiny_release, "-o", out, "--granularity", "layer-expert", "--dtype", "float32")

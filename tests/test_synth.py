@@ -144,8 +144,8 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     # Nothing under a final name: the run wrote into its hidden work folder, where the third part was
     # never given its name either.
     assert [p.name for p in out.iterdir()] == [".synth"]
-    assert sorted(p.name for p in (out / ".synth").iterdir()) == [f"{CHECKPOINT}-split0", f"{CHECKPOINT}-split1",
-                                                                  "params.json", "tokenizer.model"]
+    assert sorted(p.name for p in (out / ".synth" / "files").iterdir()) == [
+        f"{CHECKPOINT}-split0", f"{CHECKPOINT}-split1", "params.json", "tokenizer.model"]
     monkeypatch.undo()
     synthesize(out, split=100)  # the same command completes once the cause is gone
     assert ".synth" not in {p.name for p in out.iterdir()} and (out / "RELEASE").is_file()
