@@ -24,7 +24,15 @@ from weightswarm.core.interrupt import Stop
 from weightswarm.core.locks import lock_exclusive
 from weightswarm.core.paths import check_output_dir
 from weightswarm.core.units import parse_duration, plural
-from weightswarm.distrib.session import Event, SessionOptions, add_peers, make_session, raise_on_error, state_dir
+from weightswarm.distrib.session import (
+    Event,
+    RequestQueue,
+    SessionOptions,
+    add_peers,
+    make_session,
+    raise_on_error,
+    state_dir,
+)
 from weightswarm.distrib.source import Source
 from weightswarm.distrib.torrentfile import Torrent, check_info_paths, parse_torrent
 from weightswarm.formats.partial import Absent
@@ -342,11 +350,13 @@ class Fetcher:
         """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""
         sa, start = self.opts.seed_after, time.monotonic()
         wanted = self.handle.status().total_wanted
+        queue = RequestQueue(self.ses, self.opts.session.distinct_pieces)
         while True:
             self.ses.wait_for_alert(500)
             for a in self.ses.pop_alerts():
                 raise_on_error(a, self.opts.output)
             st = self.handle.status()
+            queue.update(st.num_peers)
             self.emit(self._progress(st) | {"event": "seeding"})
             if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
                 return

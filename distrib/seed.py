@@ -10,7 +10,7 @@ import libtorrent as lt
 
 from weightswarm.core.errors import InputError, VerificationError
 from weightswarm.core.interrupt import Stop
-from weightswarm.distrib.session import Event, SessionOptions, make_session, raise_on_error
+from weightswarm.distrib.session import Event, RequestQueue, SessionOptions, make_session, raise_on_error
 from weightswarm.distrib.torrentfile import Torrent
 
 
@@ -52,12 +52,15 @@ def seed(torrent: Torrent, path: str | os.PathLike, opts: SeedOptions, emit: Eve
     emit({"event": "listening", "port": ses.listen_port(), "info_hash": torrent.info_hash, "name": torrent.name})
     try:
         _wait_checked(ses, h, torrent, path, emit)
+        queue = RequestQueue(ses, opts.session.distinct_pieces)
+        queue.update(0)  # before anyone is told we are ready: the first peer may be the only one
         emit({"event": "ready", "info_hash": torrent.info_hash})
         last = 0.0
         while True:
             ses.wait_for_alert(250)
             for a in ses.pop_alerts():
                 raise_on_error(a, path)
+            queue.update(h.status().num_peers)
             if time.monotonic() - last >= opts.report_every:
                 last = time.monotonic()
                 st = h.status()

@@ -1,9 +1,17 @@
-"""Real swarms on 127.0.0.1: one seeder process and fetch processes, by .torrent and by magnet."""
+"""Real swarms on 127.0.0.1: one seeder process and fetch processes, by .torrent and by magnet; the request
+queue an origin offers a lone peer and a swarm."""
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import time
+from pathlib import Path
 
-from tests.support import LOOPBACK, seeder, tree_bytes
+import libtorrent as lt
+import pytest
+
+from tests.support import LOOPBACK, Daemon, place, run_ws, seeder, tree_bytes
 
 
 def test_seeder_and_two_concurrent_fetchers_one_by_magnet(nodes, tiny_release, tiny_torrent, tmp_path):
@@ -33,3 +41,70 @@ def test_seeder_stops_cleanly_on_sigterm(nodes, tiny_release, tiny_torrent):
     seed = seeder(nodes, tiny_release, tiny_torrent)
     assert seed.stop(signal.SIGTERM) == 0, seed.stderr
     assert seed.wait_for("stopped", timeout=1)["uploaded"] == 0
+
+
+def _read(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        assert chunk, "the seeder closed the connection"
+        data += chunk
+    return data
+
+
+def _advertised_queue(port: int, info_hash: bytes) -> tuple[socket.socket, int]:
+    """Connect as a bare BitTorrent peer; the connection and the request queue (reqq) the seeder offers."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    reserved = bytes([0, 0, 0, 0, 0, 0x10, 0, 0])  # BEP 10: the extension protocol
+    sock.sendall(b"\x13BitTorrent protocol" + reserved + info_hash + b"-XX0000-" + os.urandom(12))
+    _read(sock, 68)
+    while True:  # the seeder's messages: its bitfield, then the extension handshake
+        msg = _read(sock, int.from_bytes(_read(sock, 4), "big"))
+        if msg[:2] == b"\x14\x00":
+            handshake = lt.bdecode(msg[2:])
+            return sock, handshake.get(b"reqq", handshake.get("reqq"))
+
+
+def _origin(kind: str, nodes, release: Path, torrent: Path, tmp_path: Path, *extra) -> int:
+    """The peer port of a seed process, or of a daemon serving the torrent."""
+    if kind == "seed":
+        return seeder(nodes, release, torrent, *extra).port
+    from weightswarm.distrib.torrentfile import load_torrent
+
+    data, state = tmp_path / f"data{len(extra)}", tmp_path / f"state{len(extra)}"
+    place(release, data / "models")
+    d = Daemon(nodes, data, state, *extra)
+    r = run_ws("daemon", "--api", d.api[len("http://"):], "--state", state, "add", torrent, "--path", "models")
+    assert r.returncode == 0, r.stderr
+    d.event("seeding", load_torrent(torrent).info_hash)
+    return d.port
+
+
+@pytest.mark.parametrize("kind", ["seed", "daemon"])
+def test_a_lone_peer_may_queue_more_than_one_of_a_swarm(kind, nodes, tiny_release, tiny_torrent, tmp_path):
+    from weightswarm.distrib.session import DISTINCT_PIECES, LONE_PEER_QUEUE
+    from weightswarm.distrib.torrentfile import load_torrent
+
+    info_hash = bytes.fromhex(load_torrent(tiny_torrent).v1)
+    port = _origin(kind, nodes, tiny_release, tiny_torrent, tmp_path)
+    first, reqq = _advertised_queue(port, info_hash)
+    assert reqq == LONE_PEER_QUEUE
+    second, _ = _advertised_queue(port, info_hash)
+    swarm = DISTINCT_PIECES["max_allowed_in_request_queue"]
+
+    def probe() -> int:  # a third peer, gone again at once
+        sock, reqq = _advertised_queue(port, info_hash)
+        sock.close()
+        return reqq
+
+    deadline = time.monotonic() + 30
+    while probe() != swarm:  # once the origin has seen two peers, a newcomer is one of a swarm
+        assert time.monotonic() < deadline, "the origin never shrank the queue it offers"
+    first.close()
+    second.close()
+    while probe() != LONE_PEER_QUEUE:  # alone again
+        assert time.monotonic() < deadline, "the origin never offered a lone peer the larger queue again"
+    port = _origin(kind, nodes, tiny_release, tiny_torrent, tmp_path, "--no-distinct-pieces")
+    sock, reqq = _advertised_queue(port, info_hash)
+    sock.close()
+    assert reqq == 2000  # libtorrent's own

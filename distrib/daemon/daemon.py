@@ -27,7 +27,7 @@ from weightswarm.distrib.daemon.config import DaemonConfig
 from weightswarm.distrib.daemon.scrub import Cancelled, RateLimit, scrub
 from weightswarm.distrib.daemon.state import Entry, StateDir, fingerprint, read_or_create_token
 from weightswarm.distrib.daemon.torrents import Managed, PathGuard
-from weightswarm.distrib.session import SessionOptions, make_session
+from weightswarm.distrib.session import RequestQueue, SessionOptions, make_session
 from weightswarm.distrib.source import resolve
 from weightswarm.distrib.torrentfile import Torrent, check_info_paths, lt_message, parse_torrent
 from weightswarm.verify.pieces import check_pieces
@@ -111,6 +111,8 @@ class Daemon:
                                                distinct_pieces=c.distinct_pieces))
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
+        self.queue = RequestQueue(self.ses, c.distinct_pieces)
+        self.queue.update(0)  # sized again on every status update (each tick)
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.
         self._alert_r, self._alert_w = socket.socketpair()
         for sock in (self._alert_r, self._alert_w):
@@ -398,6 +400,7 @@ class Daemon:
                 m = self._managed(st.handle)
                 if m:
                     m.status_cache = st
+            self.queue.update(sum(m.status_cache.num_peers for m in self.torrents.values() if m.status_cache))
             return
         if isinstance(a, lt.save_resume_data_failed_alert):
             m = self._managed(a.handle)
