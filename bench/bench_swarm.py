@@ -232,7 +232,8 @@ def daemon_run(args, root: Path, n: int) -> dict:
         wire = origin.tx_bytes() - wire0
     shutil.rmtree(data)
     row = {"n": n, "torrents": 2, "payload": payload, "S/R": round(sr, 2), "last": round(max(done.values()), 2),
-           "x": round(max(done.values()) / sr, 3), "origin_wire": round(wire / payload, 3)}
+           "x": round(max(done.values()) / sr, 3), "origin_wire": round(wire / payload, 3),
+           "times": sorted(round(t, 1) for t in done.values())}
     print(json.dumps({"daemon": row}), flush=True)
     return row
 

@@ -35,7 +35,7 @@ from weightswarm.verify.pieces import check_pieces
 log = logging.getLogger("weightswarm.daemon")
 
 ALERTS = (lt.alert_category.error | lt.alert_category.status | lt.alert_category.storage
-          | lt.alert_category.file_progress)
+          | lt.alert_category.file_progress | lt.alert_category.connect)
 RESUME_FLAGS = lt.save_resume_flags_t.flush_disk_cache
 TICK = 1.0  # seconds between status refreshes, resume and scrub schedule checks
 
@@ -112,7 +112,7 @@ class Daemon:
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
         self.queue = RequestQueue(self.ses, c.distinct_pieces)
-        self.queue.update(0)  # sized again on every status update (each tick)
+        self.queue.update(0)  # sized again whenever a peer connects or leaves
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.
         self._alert_r, self._alert_w = socket.socketpair()
         for sock in (self._alert_r, self._alert_w):
@@ -388,11 +388,15 @@ class Daemon:
                 pass
         except BlockingIOError:
             pass
-        for a in self.ses.pop_alerts():
+        alerts = self.ses.pop_alerts()
+        for a in alerts:
             try:
                 self._on_alert(a)
             except Exception:  # one bad alert must not take the daemon down
                 log.exception("handling %s", type(a).__name__)
+        # A peer came or went: size the queue now, before more peers shake hands (the ticks are a second apart).
+        if any(isinstance(a, (lt.peer_connect_alert, lt.peer_disconnected_alert)) for a in alerts):
+            self.queue.update(sum(m.handle.status(0).num_peers for m in self.torrents.values()))
 
     def _on_alert(self, a) -> None:
         if isinstance(a, lt.state_update_alert):
@@ -400,7 +404,6 @@ class Daemon:
                 m = self._managed(st.handle)
                 if m:
                     m.status_cache = st
-            self.queue.update(sum(m.status_cache.num_peers for m in self.torrents.values() if m.status_cache))
             return
         if isinstance(a, lt.save_resume_data_failed_alert):
             m = self._managed(a.handle)
