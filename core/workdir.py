@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 
 from weightswarm.core.atomic import atomic_write_bytes, fsync_dir
-from weightswarm.core.paths import check_output_dir
+from weightswarm.core.errors import FormatError, InputError
+from weightswarm.core.inputs import read_json
+from weightswarm.core.paths import check_output_dir, confined
 
 JOB, PLAN, FILES = "job.json", "publish.json", "files"
 
@@ -22,20 +24,23 @@ JOB, PLAN, FILES = "job.json", "publish.json", "files"
 def same_job(work: Path, job: dict) -> bool:
     """Whether WORK's job.json describes JOB (as JSON: a tuple and a list of the same items are equal)."""
     try:
-        return json.loads((work / JOB).read_text()) == json.loads(json.dumps(job))
-    except (OSError, ValueError):
+        return read_json(work / JOB) == json.loads(json.dumps(job))
+    except (OSError, InputError):
         return False
 
 
 def resume(out: Path, name: str, job: dict, keep_job: bool = False) -> list[Path] | None:
-    """Finish the publish of JOB a killed run left in OUT/NAME; the published paths, or None if none was left."""
+    """Finish the publish of JOB a killed run left in OUT/NAME; the published paths, or None if none was left.
+    The list is read like any input: names that are not plain paths inside the work folder are refused."""
     work = out / name
-    if not (work / PLAN).is_file() or not same_job(work, job):
+    if not (work / PLAN).exists() or not same_job(work, job):
         return None
-    try:
-        rels = json.loads((work / PLAN).read_text())
-    except (OSError, ValueError):
-        return None
+    rels = read_json(work / PLAN)
+    if not isinstance(rels, list) or not all(isinstance(r, str) for r in rels):
+        raise FormatError(work / PLAN, "not a list of file names", hint=f"remove {work} and run the command again")
+    for rel in rels:
+        confined(out, rel, work / PLAN)
+        confined(work / FILES, rel, work / PLAN)
     return _move(work, out, rels, keep_job)
 
 

@@ -136,14 +136,11 @@ class _Killed(BaseException):
     """What the process would have got: nothing after this point runs."""
 
 
-@pytest.mark.parametrize("command", ["synth", "convert", "export-consolidated", "export-hf"])
-def test_killed_while_moving_into_place_the_same_command_completes(command, tiny_release, converted, tmp_path,
-                                                                   monkeypatch):
-    """The one moment a kill cannot be aimed at from outside: some results renamed into OUT, the rest not."""
+def _killed_while_moving(argv: list[str], out: Path, monkeypatch) -> list:
+    """Run argv in this process and 'kill' it after its first result was renamed into OUT: the one moment
+    a kill cannot be aimed at from outside. The paths it moved."""
     from weightswarm.cli import main
 
-    out = tmp_path / "out"
-    argv = [str(a) for a in _argv(command, out, tiny_release, converted)]
     real, moved = os.replace, []
 
     def replace(src, dst):  # a rename out of the hidden work folder to a final name is a move into place
@@ -157,6 +154,15 @@ def test_killed_while_moving_into_place_the_same_command_completes(command, tiny
     with pytest.raises(_Killed):
         main.main(argv, standalone_mode=False)
     monkeypatch.undo()
+    return moved
+
+
+@pytest.mark.parametrize("command", ["synth", "convert", "export-consolidated", "export-hf"])
+def test_killed_while_moving_into_place_the_same_command_completes(command, tiny_release, converted, tmp_path,
+                                                                   monkeypatch):
+    out = tmp_path / "out"
+    argv = [str(a) for a in _argv(command, out, tiny_release, converted)]
+    moved = _killed_while_moving(argv, out, monkeypatch)
     assert len(moved) == 1 and Path(moved[0]).is_file()  # one result is in place, the others are not
     r = run_ws(*argv)
     assert r.returncode == 0, r.stderr
@@ -164,3 +170,16 @@ def test_killed_while_moving_into_place_the_same_command_completes(command, tiny
     assert run_ws(*[clean if a == str(out) else a for a in argv]).returncode == 0
     assert tree_bytes(out) == tree_bytes(clean)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == ([".convert"] if command == "convert" else [])
+
+
+@pytest.mark.parametrize("plan", ['["../../escaped"]', '{"a": 1}', '[1]'])
+def test_a_tampered_list_of_moves_is_refused(plan, tiny_release, converted, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    argv = [str(a) for a in _argv("export-hf", out, tiny_release, converted)]
+    _killed_while_moving(argv, out, monkeypatch)
+    (out / ".export" / "publish.json").write_text(plan)
+    before = sorted(tmp_path.rglob("*"))
+    r = run_ws(*argv)
+    assert r.returncode == 2 and not error_lines_problems(r.stderr), r.stderr
+    assert f"Error: {out / '.export' / 'publish.json'}: " in r.stderr, r.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # nothing moved, nothing written
