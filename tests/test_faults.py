@@ -1,5 +1,6 @@
-"""Faults of the machine, not the input: a full disk and kill -9. Every command names the file it could not
-write, leaves nothing under a final name, and the same command completes once the cause is gone."""
+"""Faults of the machine, not the input: a full disk and kill -9 (also between two moves into place). Every
+command names the file it could not write, leaves nothing under a final name, and the same command completes
+once the cause is gone. A tampered record of those moves is refused like any bad input."""
 from __future__ import annotations
 
 import os
