@@ -350,7 +350,7 @@ class Fetcher:
         """Keep serving until the --seed-after time or upload ratio is reached (or Ctrl-C)."""
         sa, start = self.opts.seed_after, time.monotonic()
         wanted = self.handle.status().total_wanted
-        queue = RequestQueue(self.ses, self.opts.session.distinct_pieces)
+        queue = RequestQueue(self.ses, self.opts.session)
         while True:
             self.ses.wait_for_alert(500)
             for a in self.ses.pop_alerts():

@@ -52,7 +52,7 @@ def seed(torrent: Torrent, path: str | os.PathLike, opts: SeedOptions, emit: Eve
     emit({"event": "listening", "port": ses.listen_port(), "info_hash": torrent.info_hash, "name": torrent.name})
     try:
         _wait_checked(ses, h, torrent, path, emit)
-        queue = RequestQueue(ses, opts.session.distinct_pieces)
+        queue = RequestQueue(ses, opts.session)
         queue.update(0)  # before anyone is told we are ready: the first peer may be the only one
         emit({"event": "ready", "info_hash": torrent.info_hash})
         last = 0.0

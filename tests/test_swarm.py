@@ -71,7 +71,8 @@ def _origin(kind: str, nodes, release: Path, torrent: Path, tmp_path: Path, *ext
         return seeder(nodes, release, torrent, *extra).port
     from weightswarm.distrib.torrentfile import load_torrent
 
-    data, state = tmp_path / f"data{len(extra)}", tmp_path / f"state{len(extra)}"
+    name = "-".join(extra).strip("-") or "default"
+    data, state = tmp_path / f"data-{name}", tmp_path / f"state-{name}"
     place(release, data / "models")
     d = Daemon(nodes, data, state, *extra)
     r = run_ws("daemon", "--api", d.api[len("http://"):], "--state", state, "add", torrent, "--path", "models")
@@ -104,7 +105,9 @@ def test_a_lone_peer_may_queue_more_than_one_of_a_swarm(kind, nodes, tiny_releas
     second.close()
     while probe() != LONE_PEER_QUEUE:  # alone again
         assert time.monotonic() < deadline, "the origin never offered a lone peer the larger queue again"
-    port = _origin(kind, nodes, tiny_release, tiny_torrent, tmp_path, "--no-distinct-pieces")
-    sock, reqq = _advertised_queue(port, info_hash)
-    sock.close()
-    assert reqq == 2000  # libtorrent's own
+    for extra, offered in ((("--max-upload-rate", "1m"), swarm),  # the limiter sets a capped origin's pace
+                           (("--no-distinct-pieces",), 2000)):  # libtorrent's own
+        port = _origin(kind, nodes, tiny_release, tiny_torrent, tmp_path, *extra)
+        sock, reqq = _advertised_queue(port, info_hash)
+        sock.close()
+        assert reqq == offered, extra

@@ -106,12 +106,13 @@ class Daemon:
 
     def _open_session(self, loop: asyncio.AbstractEventLoop) -> None:
         c = self.cfg
-        self.ses = make_session(SessionOptions(listen=c.listen, dht=c.dht, upload_rate=c.max_upload_rate,
-                                               download_rate=c.max_download_rate, max_connections=c.max_connections,
-                                               distinct_pieces=c.distinct_pieces))
+        opts = SessionOptions(listen=c.listen, dht=c.dht, upload_rate=c.max_upload_rate,
+                              download_rate=c.max_download_rate, max_connections=c.max_connections,
+                              distinct_pieces=c.distinct_pieces)
+        self.ses = make_session(opts)
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
-        self.queue = RequestQueue(self.ses, c.distinct_pieces)
+        self.queue = RequestQueue(self.ses, opts)
         self.queue.update(0)  # sized again whenever a peer connects or leaves
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.
         self._alert_r, self._alert_w = socket.socketpair()
