@@ -356,7 +356,7 @@ class Fetcher:
             for a in self.ses.pop_alerts():
                 raise_on_error(a, self.opts.output)
             st = self.handle.status()
-            queue.update(st.num_peers)
+            queue.update()
             self.emit(self._progress(st) | {"event": "seeding"})
             if sa.seconds is not None and time.monotonic() - start >= sa.seconds:
                 return

@@ -53,14 +53,14 @@ def seed(torrent: Torrent, path: str | os.PathLike, opts: SeedOptions, emit: Eve
     try:
         _wait_checked(ses, h, torrent, path, emit)
         queue = RequestQueue(ses, opts.session)
-        queue.update(0)  # before anyone is told we are ready: the first peer may be the only one
+        queue.update()  # before anyone is told we are ready: the first peer may be the only one
         emit({"event": "ready", "info_hash": torrent.info_hash})
         last = 0.0
         while True:
             ses.wait_for_alert(250)
             for a in ses.pop_alerts():
                 raise_on_error(a, path)
-            queue.update(h.status().num_peers)
+            queue.update()
             if time.monotonic() - last >= opts.report_every:
                 last = time.monotonic()
                 st = h.status()

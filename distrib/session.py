@@ -62,14 +62,18 @@ class RequestQueue:
     4 MiB/s for 3 nodes, sent 1.10-1.11x the payload with it, 1.07x without)."""
 
     def __init__(self, ses: lt.session, opts: SessionOptions):
-        swarm = DISTINCT_PIECES["max_allowed_in_request_queue"]
-        self.ses, self.distinct, self.size = ses, opts.distinct_pieces, swarm
-        self.lone = swarm if opts.upload_rate else LONE_PEER_QUEUE
+        self.ses = ses
+        self.swarm = self.size = DISTINCT_PIECES["max_allowed_in_request_queue"]
+        # Stock settings, or a cap: one size always, and nothing to count.
+        self.lone = LONE_PEER_QUEUE if opts.distinct_pieces and not opts.upload_rate else self.swarm
 
-    def update(self, peers: int) -> None:
-        """``peers``: how many are connected now, over all of the session's torrents."""
-        size = self.lone if peers <= 1 else DISTINCT_PIECES["max_allowed_in_request_queue"]
-        if self.distinct and size != self.size:
+    def update(self) -> None:
+        """Size the queue for the peers connected now, over all of the session's torrents."""
+        if self.lone == self.swarm:
+            return
+        peers = sum(h.status(0).num_peers for h in self.ses.get_torrents())
+        size = self.lone if peers <= 1 else self.swarm
+        if size != self.size:
             self.size = size
             self.ses.apply_settings({"max_allowed_in_request_queue": size})
 

@@ -113,7 +113,7 @@ class Daemon:
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
         self.queue = RequestQueue(self.ses, opts)
-        self.queue.update(0)  # sized again whenever a peer connects or leaves
+        self.queue.update()  # and again whenever a peer connects or leaves
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.
         self._alert_r, self._alert_w = socket.socketpair()
         for sock in (self._alert_r, self._alert_w):
@@ -397,7 +397,7 @@ class Daemon:
                 log.exception("handling %s", type(a).__name__)
         # A peer came or went: size the queue now, before more peers shake hands (the ticks are a second apart).
         if any(isinstance(a, (lt.peer_connect_alert, lt.peer_disconnected_alert)) for a in alerts):
-            self.queue.update(sum(m.handle.status(0).num_peers for m in self.torrents.values()))
+            self.queue.update()
 
     def _on_alert(self, a) -> None:
         if isinstance(a, lt.state_update_alert):
