@@ -35,21 +35,25 @@ class SessionOptions:
 # booked pieces at it seconds ahead and pieces booked by two fetchers were sent twice. With these, on
 # 100 Mbit/s links, it sends about 1.1x (BENCHMARKS.md, "The swarm at scale").
 DISTINCT_PIECES = {
-    # What a peer may have queued with us, in 16 KiB blocks (libtorrent: 2000, i.e. 31 MiB): with half a
-    # piece booked per fetcher, two fetchers rarely book the same piece before one of them announces it.
+    # What a peer may have queued with us, in 16 KiB blocks (libtorrent: 2000, i.e. 31 MiB): with 128 KiB
+    # booked per fetcher, two fetchers rarely book the same piece before one of them announces it.
     "max_allowed_in_request_queue": 8,
     # How far ahead we request, in seconds of a peer's rate (libtorrent: 3).
     "request_queue_time": 1,
     # libtorrent books runs of up to 8 MiB of contiguous pieces at a fast peer; those runs are what two
     # fetchers then booked at the origin at once.
     "whole_pieces_threshold": 0,
+    # Below 4 pieces libtorrent picks at random and finishes partial pieces first, from any peer: a fetcher
+    # that began a piece from another fetcher then took the rest of it from the origin too.
+    "initial_picker_threshold": 0,
 }
 # What a peer may queue with us while it is the only one connected. The queue above makes an uncapped
-# one-to-one transfer wait on round trips (264 MB on loopback: 2.6-3.4 s with 8 blocks, 1.5 s with 16,
-# 1.0 s with 64); a lone peer has nobody to book the same piece. libtorrent tells each peer the limit once,
-# in its handshake, so the first peer of a swarm keeps it: with 16 the origin of 8 or 16 fetchers sent no
-# more than with 8; with 32 it sent 1% more, with 64 2-3% (BENCHMARKS.md).
-LONE_PEER_QUEUE = 16
+# one-to-one transfer wait on round trips (264 MB in 64 KiB pieces on loopback: 2.0-3.0 s with 16 blocks,
+# 1.1-1.3 s with 32, 1.0-1.3 s with 64); a lone peer has nobody to book the same piece. libtorrent tells each
+# peer the limit once, in its handshake, so the first peer of a swarm keeps it (past the current limit its
+# requests are rejected): 16 fetchers took 1.09-1.10x the payload from an origin offering 32 alone, and
+# 1.08-1.09x from one that never did (BENCHMARKS.md).
+LONE_PEER_QUEUE = 32
 
 
 class RequestQueue:

@@ -46,8 +46,9 @@ def test_formats_and_fields(tiny_release, tmp_path, fmt, v1, v2):
 
 def test_auto_piece_size_policy():
     assert auto_piece_size(1) == 16 * 1024
-    assert auto_piece_size(1_000_000_000) == 1024 * 1024  # ~950 pieces
-    assert auto_piece_size(93_405_585_408) == 16 * 1024 * 1024  # Mixtral 8x7B: clamped, ~5600 pieces
+    assert auto_piece_size(264_354_889) == 64 * 1024  # the benchmarks' medium release: 4,034 pieces
+    assert auto_piece_size(1_000_000_000) == 256 * 1024  # 3,815 pieces
+    assert auto_piece_size(93_405_585_408) == 16 * 1024 * 1024  # Mixtral 8x7B: 5,568 pieces
 
 
 @pytest.mark.parametrize("sizes", [[PIECE], [PIECE - 1, 1], [PIECE + 1], [2 * PIECE, PIECE - 1, 3]])

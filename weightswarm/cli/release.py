@@ -81,7 +81,7 @@ def catalog(name: str | None, as_json: bool) -> None:
 @click.argument("path", type=PATH)
 @click.option("-o", "--output", type=PATH, required=True, metavar="PATH", help="The .torrent to write.")
 @click.option("--format", "fmt", type=click.Choice(["hybrid", "v1", "v2"]), default="hybrid", show_default=True)
-@click.option("--piece-size", metavar="BYTES", help="A power of two from 16k to 16m [default: at most ~1500 pieces].")
+@click.option("--piece-size", metavar="BYTES", help="A power of two from 16k to 16m [default: at most 4096 pieces].")
 @click.option("--tracker", multiple=True, metavar="URL", help="Announce URL (repeatable, one tier each).")
 @click.option("--web-seed", multiple=True, metavar="URL", help="BEP 19 web seed URL (repeatable).")
 @click.option("--private", is_flag=True, help="Set the private flag (no DHT, no PEX).")
