@@ -161,7 +161,8 @@ def shaped(args, release: Path, files: list[Path], payload: int, root: Path) -> 
                               torrent, extra, work, payload, timeout=900)
                 row[label] = {"last": round(r.last, 2), "x": round(r.last / sr, 3),
                               "origin": round(r.origin_uploaded / payload, 3),
-                              "wire": round(r.origin_wire / payload, 3), "cpu": round(busy_since(mark), 2)}
+                              "wire": round(r.origin_wire / payload, 3), "cpu": round(busy_since(mark), 2),
+                              "times": sorted(round(t, 1) for t in r.finished.values())}
                 shutil.rmtree(work)
             if shutil.which("curl"):
                 work = root / f"http-{n}"
