@@ -46,7 +46,10 @@ def test_four_hosts_on_100_mbit_links_each_get_the_release_and_the_origin_sends_
             assert tree_bytes(tmp_path / f / small_release.name) == tree_bytes(small_release), f
         # Measured 1.05x; stock libtorrent settings sent 1.5x here. The bound leaves room for a busy CI machine.
         assert run.origin_uploaded <= 1.35 * payload, run
-        assert run.origin_wire >= run.origin_uploaded  # the link carried at least the payload it reports
+        # The link carried about the payload the origin reports. Headers add ~4%, but libtorrent counts a
+        # block as uploaded once it is in the socket, and what is still there when the fetchers stop never
+        # leaves (once the link carried 0.998x the report, in 16 KiB pieces).
+        assert run.origin_wire >= 0.98 * run.origin_uploaded, run
         names = [h.netns for h in bed.hosts.values()]
     assert not bed.leftovers()
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

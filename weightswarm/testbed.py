@@ -280,10 +280,10 @@ def run_swarm(origin: Host, seed_cmd: list, fetchers: dict[str, tuple[Host, str]
     wire0 = origin.tx_bytes()
     finished = fetch_all({name: Fetcher(host, listen, torrent, tuple(fetch_args))
                           for name, (host, listen) in fetchers.items()}, work, timeout)
-    wire = origin.tx_bytes() - wire0
     # The origin reports its upload once a second: take the second report after the last completion.
     mark, deadline = len(seeder.events), time.monotonic() + 10
     while len(later := [e for e in seeder.events[mark:] if e["event"] == "status"]) < 2:
         seeder.wait_event(lambda e: e["event"] == "status", timeout=max(0.1, deadline - time.monotonic()))
+    wire = origin.tx_bytes() - wire0  # over the same span as the upload report
     seeder.stop(signal.SIGKILL, timeout=10)
     return SwarmRun(payload, finished, later[-1]["uploaded"], wire)
