@@ -51,32 +51,44 @@ DISTINCT_PIECES = {
 # one-to-one transfer wait on round trips (264 MB in 64 KiB pieces on loopback: 2.0-3.0 s with 16 blocks,
 # 1.1-1.3 s with 32, 1.0-1.3 s with 64); a lone peer has nobody to book the same piece. libtorrent tells each
 # peer the limit once, in its handshake, so the first peer of a swarm keeps it (past the current limit its
-# requests are rejected): 16 fetchers took 1.09-1.10x the payload from an origin offering 32 alone, and
-# 1.08-1.09x from one that never did (BENCHMARKS.md).
+# requests are rejected).
 LONE_PEER_QUEUE = 32
+# What each peer of a swarm may queue with a session serving a whole copy, and how many it serves at once
+# (libtorrent: 8). A fetcher that books fewer pieces ahead at the origin books fewer that another fetcher
+# books too, while 16 peers x 4 blocks keep as much in flight on the origin's link as 8 x 8 did: 16
+# fetchers took 1.07-1.08x the payload with 8 x 8 and 1.05x with 16 x 4 (BENCHMARKS.md). The queue is
+# fixed because libtorrent tells it each peer in its handshake: shrinking it as a swarm grew left the
+# peers that had come first with deeper queues and gained nothing (1.09x). Below 4 blocks, one 64 KiB
+# piece, a fetcher would wait a round trip inside each piece.
+SWARM_QUEUE = 4
+SERVE_SLOTS = 16
 
 
 class RequestQueue:
-    """Offers LONE_PEER_QUEUE while at most one peer is connected, DISTINCT_PIECES' queue once more are.
+    """What peers may queue with a serving session: LONE_PEER_QUEUE alone, SWARM_QUEUE once more are connected.
 
     The limit reaches the peers that connect afterwards (libtorrent's handshake carries it as ``reqq``);
     requests past the current one are rejected and go back to the peer's picker. For the sessions that
-    serve a whole copy: seed, the daemon, fetch once it seeds. Not under a session upload cap: the limiter
-    sets the pace there, and the first peer's deeper queue only cost bytes (the demo's daemon, capped at
-    4 MiB/s for 3 nodes, sent 1.10-1.11x the payload with it, 1.07x without)."""
+    serve a whole copy: seed, the daemon, fetch once it seeds. No deeper queue for a lone peer under a
+    session upload cap: the limiter sets the pace there, and the first peer's deeper queue only cost bytes
+    (the demo's daemon, capped at 4 MiB/s for 3 nodes, sent 1.10-1.11x the payload with it, 1.07x without)."""
 
     def __init__(self, ses: lt.session, opts: SessionOptions):
         self.ses = ses
-        self.swarm = self.size = DISTINCT_PIECES["max_allowed_in_request_queue"]
-        # Stock settings, or a cap: one size always, and nothing to count.
-        self.lone = LONE_PEER_QUEUE if opts.distinct_pieces and not opts.upload_rate else self.swarm
+        self.lone = LONE_PEER_QUEUE if opts.distinct_pieces and not opts.upload_rate else SWARM_QUEUE
+        self.size = 0
+        if opts.distinct_pieces:  # else libtorrent's own queue and slots, and nothing to count
+            ses.apply_settings({"unchoke_slots_limit": SERVE_SLOTS})
+            self._set(self.lone)
 
     def update(self) -> None:
         """Size the queue for the peers connected now, over all of the session's torrents."""
-        if self.lone == self.swarm:
+        if self.lone == self.size == SWARM_QUEUE or not self.size:
             return
         peers = sum(h.status(0).num_peers for h in self.ses.get_torrents())
-        size = self.lone if peers <= 1 else self.swarm
+        self._set(self.lone if peers <= 1 else SWARM_QUEUE)
+
+    def _set(self, size: int) -> None:
         if size != self.size:
             self.size = size
             self.ses.apply_settings({"max_allowed_in_request_queue": size})

@@ -321,7 +321,7 @@ DOWNLOADS = [
     pytest.param(Qbittorrent, "hybrid", "tracker", (), id="qbittorrent-hybrid-tracker"),
     pytest.param(Qbittorrent, "v2", "peer", (), id="qbittorrent-v2-peer"),
     pytest.param(Transmission, "v1", "tracker", (), id="transmission-v1-tracker"),  # no add-peer RPC
-    # rtorrent lacks the fast extension, so the requests past the seed's default queue of 8 blocks are dropped
+    # rtorrent lacks the fast extension, so the requests past the seed's default queue of 4 blocks are dropped
     # without a reject and it waits for them for ever: the seed must run with libtorrent's stock queues.
     pytest.param(Rtorrent, "v1", "peer", ("--no-distinct-pieces",), id="rtorrent-v1-peer"),
     pytest.param(Aria2, "v1", "tracker", (), id="aria2c-v1-tracker"),  # no add-peer RPC either

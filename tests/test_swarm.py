@@ -83,7 +83,7 @@ def _origin(kind: str, nodes, release: Path, torrent: Path, tmp_path: Path, *ext
 
 @pytest.mark.parametrize("kind", ["seed", "daemon"])
 def test_a_lone_peer_may_queue_more_than_one_of_a_swarm(kind, nodes, tiny_release, tiny_torrent, tmp_path):
-    from weightswarm.distrib.session import DISTINCT_PIECES, LONE_PEER_QUEUE
+    from weightswarm.distrib.session import LONE_PEER_QUEUE, SWARM_QUEUE
     from weightswarm.distrib.torrentfile import load_torrent
 
     info_hash = bytes.fromhex(load_torrent(tiny_torrent).v1)
@@ -91,7 +91,7 @@ def test_a_lone_peer_may_queue_more_than_one_of_a_swarm(kind, nodes, tiny_releas
     first, reqq = _advertised_queue(port, info_hash)
     assert reqq == LONE_PEER_QUEUE
     second, _ = _advertised_queue(port, info_hash)
-    swarm = DISTINCT_PIECES["max_allowed_in_request_queue"]
+    swarm = SWARM_QUEUE
 
     def probe() -> int:  # a third peer, gone again at once
         sock, reqq = _advertised_queue(port, info_hash)
