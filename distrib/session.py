@@ -36,7 +36,8 @@ class SessionOptions:
 # 100 Mbit/s links, it sends about 1.1x (BENCHMARKS.md, "The swarm at scale").
 DISTINCT_PIECES = {
     # What a peer may have queued with us, in 16 KiB blocks (libtorrent: 2000, i.e. 31 MiB): with 128 KiB
-    # booked per fetcher, two fetchers rarely book the same piece before one of them announces it.
+    # booked per fetcher, two fetchers rarely book the same piece before one of them announces it. A session
+    # serving a whole copy, usually the origin, allows less (RequestQueue below).
     "max_allowed_in_request_queue": 8,
     # How far ahead we request, in seconds of a peer's rate (libtorrent: 3).
     "request_queue_time": 1,
@@ -75,15 +76,17 @@ class RequestQueue:
 
     def __init__(self, ses: lt.session, opts: SessionOptions):
         self.ses = ses
-        self.lone = LONE_PEER_QUEUE if opts.distinct_pieces and not opts.upload_rate else SWARM_QUEUE
         self.size = 0
-        if opts.distinct_pieces:  # else libtorrent's own queue and slots, and nothing to count
+        self.lone = SWARM_QUEUE if opts.upload_rate else LONE_PEER_QUEUE
+        # Stock settings keep libtorrent's own queue and slots; under a cap the queue is one size: nothing to count.
+        self.counting = opts.distinct_pieces and self.lone != SWARM_QUEUE
+        if opts.distinct_pieces:
             ses.apply_settings({"unchoke_slots_limit": SERVE_SLOTS})
             self._set(self.lone)
 
     def update(self) -> None:
         """Size the queue for the peers connected now, over all of the session's torrents."""
-        if self.lone == self.size == SWARM_QUEUE or not self.size:
+        if not self.counting:
             return
         peers = sum(h.status(0).num_peers for h in self.ses.get_torrents())
         self._set(self.lone if peers <= 1 else SWARM_QUEUE)

@@ -112,8 +112,7 @@ class Daemon:
         self.ses = make_session(opts)
         self.ses.apply_settings({"alert_mask": int(ALERTS), "alert_queue_size": 10000,
                                  "hashing_threads": max(1, os.cpu_count() or 1)})
-        self.queue = RequestQueue(self.ses, opts)
-        self.queue.update()  # and again whenever a peer connects or leaves
+        self.queue = RequestQueue(self.ses, opts)  # resized whenever a peer connects or leaves
         # libtorrent writes a byte to this socket whenever alerts are waiting: the loop wakes without polling.
         self._alert_r, self._alert_w = socket.socketpair()
         for sock in (self._alert_r, self._alert_w):
